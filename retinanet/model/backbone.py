@@ -1,0 +1,123 @@
+"""ResNet backbone (torchvision's ResNet-18/34/50/101/152) returning C3, C4, C5."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from .norm import make_norm
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+
+
+def _imagenet_weights(depth: int):
+    """torchvision's ImageNet weight enum for a depth (V1: the weights the paper-era recipes
+    used; downloaded to the torch hub cache on first use)."""
+    enum = getattr(torchvision.models, f"ResNet{depth}_Weights")
+    return enum.IMAGENET1K_V1
+
+
+def load_imagenet_state_dict(depth: int, weights: str) -> dict[str, Tensor]:
+    """weights: "imagenet" (torchvision's download) or a path to a local state dict (the same
+    file torchvision downloads, or any ResNet checkpoint with torchvision's key names)."""
+    if weights == "imagenet":
+        return _imagenet_weights(depth).get_state_dict(progress=True, check_hash=True)
+    path = Path(os.path.expanduser(weights))
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"cannot read backbone weights from {path}: {err}") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet without its classifier, returning the outputs of stages res3-res5.
+
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+        norm: "frozen_bn" (default when starting from ImageNet weights), "bn", "sync_bn" or
+            "gn" (from scratch).
+        norm_eps: epsilon of the normalisation layers (torchvision's COCO RetinaNet used 0.0).
+        freeze_at: number of leading stages whose parameters are frozen: 0 none, 1 the stem,
+            2 the stem and res2 (the paper's and Detectron's choice when fine-tuning).
+        stride_in_1x1: put the stride of each bottleneck in its first 1x1 conv (the original
+            MSRA ResNet, used by Detectron2's ImageNet weights) instead of the 3x3 conv
+            (torchvision's "ResNet v1.5").
+        weights: None (random init), "imagenet" (torchvision download) or a local file path.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        norm: str = "frozen_bn",
+        norm_eps: float = 1e-5,
+        freeze_at: int = 2,
+        stride_in_1x1: bool = False,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        if depth not in RESNET_DEPTHS:
+            raise ValueError(f"ResNet depth must be one of {RESNET_DEPTHS}, got {depth}")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}")
+        if weights and norm == "gn":
+            raise ValueError(
+                "ImageNet weights are BatchNorm weights; use norm frozen_bn, bn or sync_bn"
+            )
+        resnet = getattr(torchvision.models, f"resnet{depth}")(
+            weights=None, norm_layer=lambda c: make_norm(norm, c, eps=norm_eps)
+        )
+        if weights:
+            state = load_imagenet_state_dict(depth, weights)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = resnet.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"backbone weights {weights!r} do not fit ResNet-{depth}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        if stride_in_1x1 and depth >= 50:
+            for stage in (resnet.layer2, resnet.layer3, resnet.layer4):
+                block = stage[0]
+                block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.res2, self.res3, self.res4, self.res5 = (
+            resnet.layer1,
+            resnet.layer2,
+            resnet.layer3,
+            resnet.layer4,
+        )
+        expansion = 4 if depth >= 50 else 1
+        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        self.strides = [8, 16, 32]
+        for stage in [self.stem, self.res2, self.res3, self.res4, self.res5][:freeze_at]:
+            stage.requires_grad_(False)
+        self.freeze_at = freeze_at
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """images: (B, 3, H, W) normalised -> [C3 (B, C, H/8, W/8), C4 (H/16), C5 (H/32)]."""
+        c2 = self.res2(self.stem(images))
+        c3 = self.res3(c2)
+        c4 = self.res4(c3)
+        c5 = self.res5(c4)
+        return [c3, c4, c5]
+
+    def train(self, mode: bool = True) -> ResNetBackbone:
+        super().train(mode)
+        # Frozen stages keep BatchNorm in inference mode: updating running statistics of
+        # layers whose weights never change would silently shift their outputs.
+        for stage in [self.stem, self.res2, self.res3, self.res4, self.res5][: self.freeze_at]:
+            stage.eval()
+        return self

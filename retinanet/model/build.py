@@ -1,0 +1,95 @@
+"""The one place where a Config becomes a model: config keys -> constructor arguments."""
+
+from __future__ import annotations
+
+from ..config import Config, LossConfig
+from .anchors import AnchorGenerator
+from .backbone import ResNetBackbone
+from .box_coding import BoxCoder
+from .criterion import RetinaNetCriterion
+from .fpn import FeaturePyramid
+from .head import RetinaNetHead
+from .losses import ExponentialFactor, GammaSchedule, ModulatingFactor, PowerFactor
+from .matcher import AnchorMatcher
+from .postprocess import DetectionPostprocessor
+from .retinanet import RetinaNet
+
+
+def build_modulation(loss: LossConfig) -> ModulatingFactor | GammaSchedule:
+    if loss.modulation == "exponential":
+        return ExponentialFactor(loss.exponential_beta)
+    if loss.gamma_schedule:
+        return GammaSchedule(
+            loss.gamma_start, loss.gamma, loss.gamma_ramp_fraction, loss.gamma_schedule
+        )
+    return PowerFactor(loss.gamma)
+
+
+def build_model(cfg: Config, num_classes: int, load_backbone_weights: bool = True) -> RetinaNet:
+    """A RetinaNet for `num_classes` classes. load_backbone_weights=False skips the ImageNet
+    weights (e.g. when a checkpoint will overwrite every parameter anyway)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    m = cfg.model
+    backbone = ResNetBackbone(
+        depth=m.backbone.depth,
+        norm=m.backbone.norm,
+        norm_eps=m.backbone.norm_eps,
+        freeze_at=m.backbone.freeze_at,
+        stride_in_1x1=m.backbone.stride_in_1x1,
+        weights=(m.backbone.weights or None) if load_backbone_weights else None,
+    )
+    fpn = FeaturePyramid(backbone.out_channels, m.fpn.channels, m.fpn.p6_source, m.fpn.norm or None)
+    anchor_generator = AnchorGenerator(
+        sizes=m.anchors.sizes,
+        strides=fpn.strides,
+        scales=m.anchors.scales,
+        aspect_ratios=m.anchors.aspect_ratios,
+        offset=m.anchors.offset,
+        quantize=m.anchors.quantize,
+        stride_from_feature_size=m.anchors.stride_from_feature_size,
+    )
+    head = RetinaNetHead(
+        fpn.out_channels,
+        anchor_generator.num_anchors_per_location,
+        num_classes,
+        num_convs=m.head.num_convs,
+        norm=m.head.norm or None,
+        prior_probability=m.head.prior_probability,
+    )
+    box_coder = BoxCoder(tuple(m.box_weights), m.box_scale_clamp)
+    matcher = AnchorMatcher(
+        m.matcher.fg_iou_threshold,
+        m.matcher.bg_iou_threshold,
+        m.matcher.allow_low_quality_matches,
+        m.matcher.crowd_ioa_threshold,
+    )
+    criterion = RetinaNetCriterion(
+        matcher,
+        box_coder,
+        alpha=cfg.loss.alpha,
+        modulation=build_modulation(cfg.loss),
+        box_loss=cfg.loss.box_loss,
+        smooth_l1_beta=cfg.loss.smooth_l1_beta,
+        box_loss_weight=cfg.loss.box_loss_weight,
+        normalizer=cfg.loss.normalizer,
+        ema_momentum=cfg.loss.ema_momentum,
+        ema_initial=cfg.loss.ema_initial,
+    )
+    postprocessor = DetectionPostprocessor(
+        box_coder,
+        score_threshold=m.inference.score_threshold,
+        topk_candidates=m.inference.topk_candidates,
+        nms_threshold=m.inference.nms_threshold,
+        max_detections=m.inference.max_detections,
+    )
+    return RetinaNet(
+        backbone,
+        fpn,
+        head,
+        anchor_generator,
+        criterion,
+        postprocessor,
+        cfg.input.pixel_mean,
+        cfg.input.pixel_std,
+    )

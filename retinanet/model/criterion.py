@@ -1,0 +1,160 @@
+"""Training targets and loss of RetinaNet, batched over the images of a batch.
+
+loss_cls: focal loss summed over all non-ignored anchors and all classes;
+loss_box: box regression loss summed over foreground anchors;
+both divided by the same normaliser, the number of foreground anchors (paper, Sec. 3.3: "the
+total focal loss of an image is computed as the sum of the focal loss over all ~100k anchors,
+normalized by the number of anchors assigned to a ground-truth box").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .box_coding import BoxCoder
+from .losses import (
+    GammaSchedule,
+    ModulatingFactor,
+    PowerFactor,
+    dense_focal_loss,
+    giou_loss,
+    resolve_factor,
+    smooth_l1_loss,
+)
+from .matcher import BACKGROUND, IGNORE, AnchorMatcher, pad_boxes
+
+BOX_LOSSES = ("smooth_l1", "giou")
+NORMALIZERS = ("num_foreground", "ema")
+
+
+class RetinaNetCriterion(nn.Module):
+    """Args:
+    matcher: assigns anchors to ground truth.
+    box_coder: encodes regression targets.
+    alpha: class-balancing weight of positives (0.25); None disables it.
+    modulation: the focal term f(p_t): a ModulatingFactor (PowerFactor(2) by default) or a
+        GammaSchedule evaluated at the training progress passed to forward.
+    box_loss: "smooth_l1" (with `smooth_l1_beta`; 0 is L1) or "giou" (on decoded boxes).
+    box_loss_weight: multiplier of loss_box.
+    normalizer: "num_foreground" (the paper: foreground anchors in the batch, at least 1) or
+        "ema" (Detectron2: an exponential moving average of that count, momentum
+        `ema_momentum`, starting at `ema_initial`, which damps the noise of batches with few
+        objects).
+    reduce_across_processes: under DistributedDataParallel, use the mean foreground count of
+        all processes, so that after DDP averages gradients the loss is the sum over the global
+        batch divided by its total foreground count, as on one GPU.
+    """
+
+    def __init__(
+        self,
+        matcher: AnchorMatcher,
+        box_coder: BoxCoder,
+        alpha: float | None = 0.25,
+        modulation: ModulatingFactor | GammaSchedule | None = None,
+        box_loss: str = "smooth_l1",
+        smooth_l1_beta: float = 0.0,
+        box_loss_weight: float = 1.0,
+        normalizer: str = "num_foreground",
+        ema_momentum: float = 0.9,
+        ema_initial: float = 100.0,
+        reduce_across_processes: bool = True,
+    ) -> None:
+        super().__init__()
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"focal loss alpha must be in [0, 1], got {alpha}")
+        self.matcher = matcher
+        self.box_coder = box_coder
+        self.alpha = alpha
+        self.modulation = modulation if modulation is not None else PowerFactor(2.0)
+        self.box_loss = box_loss
+        self.smooth_l1_beta = smooth_l1_beta
+        self.box_loss_weight = box_loss_weight
+        self.normalizer = normalizer
+        self.ema_momentum = ema_momentum
+        self.reduce_across_processes = reduce_across_processes
+        # Part of the state dict so that a resumed run continues the same average.
+        self.register_buffer("foreground_ema", torch.tensor(float(ema_initial)))
+
+    def match(
+        self, anchors: Tensor, targets: Sequence[dict[str, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns matches (B, A) (index into the padded boxes, BACKGROUND or IGNORE),
+        anchor_classes (B, A) (ground-truth class of foreground anchors, BACKGROUND or IGNORE)
+        and the padded ground-truth boxes (B, M, 4)."""
+        device = anchors.device
+        gt_boxes = pad_boxes([t["boxes"] for t in targets], device)
+        crowd = [t.get("crowd_boxes") for t in targets]
+        crowd_boxes = None
+        if any(c is not None and len(c) for c in crowd):
+            crowd_boxes = pad_boxes(
+                [c if c is not None else torch.zeros(0, 4) for c in crowd], device
+            )
+        matches = self.matcher(anchors, gt_boxes, crowd_boxes)
+        gt_labels = torch.full(gt_boxes.shape[:2], BACKGROUND, dtype=torch.int64, device=device)
+        for i, t in enumerate(targets):  # a loop over images to pad labels, not over anchors
+            gt_labels[i, : len(t["labels"])] = t["labels"].to(device)
+        classes = gt_labels.gather(1, matches.clamp(min=0))
+        anchor_classes = torch.where(matches >= 0, classes, matches)
+        return matches, anchor_classes, gt_boxes
+
+    def forward(
+        self,
+        cls_logits: Tensor,
+        box_deltas: Tensor,
+        anchors: Tensor,
+        targets: Sequence[dict[str, Tensor]],
+        progress: float = 0.0,
+    ) -> dict[str, Tensor]:
+        """cls_logits (B, A, K), box_deltas (B, A, 4), anchors (A, 4); targets: per image
+        `boxes` (n, 4) xyxy input pixels, `labels` (n,), optional `crowd_boxes` (c, 4);
+        progress: fraction of training done (for gamma schedules).
+        Returns loss_cls, loss_box (normalised) and num_foreground (per image, for logging)."""
+        matches, anchor_classes, gt_boxes = self.match(anchors, targets)
+        foreground = matches >= 0
+        num_foreground = foreground.sum().float()
+        normalizer = self._normalizer(num_foreground)
+
+        factor = resolve_factor(self.modulation, progress)
+        loss_cls = dense_focal_loss(cls_logits, anchor_classes, self.alpha, factor) / normalizer
+
+        image_idx, anchor_idx = torch.nonzero(foreground, as_tuple=True)
+        matched_boxes = gt_boxes[image_idx, matches[image_idx, anchor_idx]]
+        fg_anchors = anchors[anchor_idx]
+        fg_deltas = box_deltas[image_idx, anchor_idx]
+        if self.box_loss == "smooth_l1":
+            targets_deltas = self.box_coder.encode(fg_anchors, matched_boxes)
+            loss_box = smooth_l1_loss(fg_deltas, targets_deltas, self.smooth_l1_beta)
+        else:
+            loss_box = giou_loss(
+                self.box_coder.decode(fg_deltas.float(), fg_anchors), matched_boxes
+            )
+        loss_box = self.box_loss_weight * loss_box / normalizer
+        return {
+            "loss_cls": loss_cls,
+            "loss_box": loss_box,
+            "num_foreground": num_foreground.detach() / max(1, len(targets)),
+        }
+
+    def _normalizer(self, num_foreground: Tensor) -> Tensor:
+        count = num_foreground.detach()
+        if self.reduce_across_processes and dist.is_available() and dist.is_initialized():
+            count = count.clone()
+            dist.all_reduce(count)
+            count /= dist.get_world_size()
+        if self.normalizer == "ema":
+            if self.training:
+                m = self.ema_momentum
+                self.foreground_ema.mul_(m).add_((1 - m) * count.clamp(min=1))
+            return self.foreground_ema.clone()
+        return count.clamp(min=1)
+
+
+__all__ = ["RetinaNetCriterion", "IGNORE", "BACKGROUND"]

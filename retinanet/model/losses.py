@@ -1,0 +1,305 @@
+"""Losses: the sigmoid focal loss (with pluggable modulating factors) and the box losses.
+
+Focal loss (paper, eq. 5), for one anchor and one class with logit x, p = sigmoid(x), label t:
+
+    p_t = p if t = 1 else 1 - p,   alpha_t = alpha if t = 1 else 1 - alpha
+    FL(p_t) = -alpha_t * f(p_t) * log(p_t),   f(p_t) = (1 - p_t)^gamma   (the modulating factor)
+
+gamma = 0 gives alpha-weighted binary cross-entropy. Everything is computed from logits:
+-log(p_t) = softplus(-z) with z = x for positives and z = -x for negatives, which stays finite
+for any finite logit, in fp32 whatever the input dtype.
+
+Two implementations of the same formula:
+- `sigmoid_focal_loss`: elementwise and readable, autograd does the gradient. The reference.
+- `dense_focal_loss`: what training uses. A (B, A, K) logit tensor with 80 classes is tens of
+  millions of elements while only ~100 of them are positives, so it evaluates every element as
+  a negative in one fused pass that also produces the gradient (one saved tensor instead of the
+  half-dozen autograd would keep), then corrects the few positive elements and the ignored
+  anchors sparsely. Tests check it against the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .matcher import IGNORE
+
+# --------------------------------------------------------------------------------------------
+# Modulating factors f(p_t)
+# --------------------------------------------------------------------------------------------
+
+
+class ModulatingFactor:
+    """f(p_t), the factor that down-weights well-classified samples.
+
+    `weights(z)` takes the logit of the true label, z (p_t = sigmoid(z)), and returns
+    f(p_t) and h(p_t) = -p_t (1 - p_t) f'(p_t), the two quantities the loss and its gradient
+    need: d/dz [-f(p_t) log p_t] = -h(p_t) softplus(-z) - f(p_t) (1 - p_t).
+    Subclasses compute both stably from z.
+    """
+
+    def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, p_t: Tensor) -> Tensor:
+        """f(p_t) for probabilities (plots and analysis)."""
+        z = torch.logit(p_t.double().clamp(0.0, 1.0))
+        return self.weights(z)[0].to(p_t.dtype)
+
+
+@dataclass(frozen=True)
+class PowerFactor(ModulatingFactor):
+    """The paper's f(p_t) = (1 - p_t)^gamma; gamma = 0 is plain cross-entropy."""
+
+    gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.gamma < 0:
+            raise ValueError(f"focal loss gamma must be >= 0, got {self.gamma}")
+
+    def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        one_minus_p = torch.sigmoid(-z)
+        f = one_minus_p.pow(self.gamma)
+        return f, self.gamma * torch.sigmoid(z) * f
+
+
+@dataclass(frozen=True)
+class ExponentialFactor(ModulatingFactor):
+    """f(p_t) = exp(-beta * p_t): a bounded alternative that never fully silences a sample
+    (f(1) = exp(-beta) instead of 0), for studying how much the shape of f matters."""
+
+    beta: float = 1.0
+
+    def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        p = torch.sigmoid(z)
+        f = torch.exp(-self.beta * p)
+        return f, self.beta * p * torch.sigmoid(-z) * f
+
+
+@dataclass(frozen=True)
+class GammaSchedule:
+    """A gamma that changes over training: gamma(progress) for progress in [0, 1] goes from
+    `start` to `end`, linearly or along a half cosine, reaching `end` at `ramp_fraction`.
+    Starting at gamma = 0 trains early with plain cross-entropy, whose gradient is not yet
+    damped for the many easy negatives the model still gets wrong."""
+
+    start: float = 0.0
+    end: float = 2.0
+    ramp_fraction: float = 1.0
+    shape: str = "linear"  # "linear" or "cosine"
+
+    def __post_init__(self) -> None:
+        if self.shape not in ("linear", "cosine"):
+            raise ValueError(
+                f"gamma schedule shape must be 'linear' or 'cosine', got {self.shape!r}"
+            )
+        if min(self.start, self.end) < 0 or not 0 < self.ramp_fraction <= 1:
+            raise ValueError("gamma schedule needs gammas >= 0 and 0 < ramp_fraction <= 1")
+
+    def gamma_at(self, progress: float) -> float:
+        t = min(max(progress / self.ramp_fraction, 0.0), 1.0)
+        if self.shape == "cosine":
+            t = 0.5 * (1.0 - math.cos(math.pi * t))
+        return self.start + (self.end - self.start) * t
+
+    def factor_at(self, progress: float) -> PowerFactor:
+        return PowerFactor(self.gamma_at(progress))
+
+
+def resolve_factor(
+    modulation: ModulatingFactor | GammaSchedule, progress: float
+) -> ModulatingFactor:
+    """The modulating factor in effect at `progress` (fraction of training done)."""
+    if isinstance(modulation, GammaSchedule):
+        return modulation.factor_at(progress)
+    return modulation
+
+
+# --------------------------------------------------------------------------------------------
+# Reference focal loss
+# --------------------------------------------------------------------------------------------
+
+
+def sigmoid_focal_loss(
+    logits: Tensor,
+    targets: Tensor,
+    alpha: float | None = 0.25,
+    factor: ModulatingFactor | float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Elementwise focal loss. logits, targets: same shape, targets in {0, 1}.
+    alpha = None disables the alpha-balancing; `factor` is a gamma or a ModulatingFactor.
+    Computed in fp32 (or fp64 for fp64 inputs) whatever the input dtype and autocast state."""
+    if not isinstance(factor, ModulatingFactor):
+        factor = PowerFactor(float(factor))
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.float() if logits.dtype != torch.float64 else logits
+        t = targets.to(x.dtype)
+        z = torch.where(t > 0.5, x, -x)  # logit of the true label
+        f, _ = factor.weights(z)
+        loss = f * F.softplus(-z)
+        if alpha is not None:
+            loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    if reduction != "none":
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Fused dense focal loss for training
+# --------------------------------------------------------------------------------------------
+
+
+def _negative_terms(
+    x: Tensor, factor: ModulatingFactor, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Every element of x treated as a negative: returns (sum of f(1-s) softplus(x), gradient
+    of each term w.r.t. x or None). Works in place on fresh buffers; x itself is not modified."""
+    s = torch.sigmoid(x)
+    sp = F.softplus(x)  # -log(1 - s)
+    if isinstance(factor, PowerFactor):
+        gamma = factor.gamma
+        # f = s^gamma; h = gamma s^gamma (1 - s); grad = f s + h sp = f (s + gamma (1 - s) sp).
+        if gamma == 0:
+            total = sp.sum()
+            return total, (s if need_grad else None)
+        f = s * s if gamma == 2 else (s.clone() if gamma == 1 else s.pow(gamma))
+        total = torch.dot(f.view(-1), sp.view(-1))
+        if not need_grad:
+            return total, None
+        sp.addcmul_(sp, s, value=-1.0)  # sp * (1 - s)
+        grad = s.add_(sp, alpha=gamma).mul_(f)
+        return total, grad
+    f, h = factor.weights(-x)
+    total = torch.dot(f.view(-1), sp.view(-1))
+    if not need_grad:
+        return total, None
+    return total, f.mul_(s).addcmul_(h, sp)
+
+
+def _positive_terms(x: Tensor, factor: ModulatingFactor) -> tuple[Tensor, Tensor]:
+    """Elements of x as positives: (f(s) softplus(-x), its gradient w.r.t. x)."""
+    f, h = factor.weights(x)
+    sp = F.softplus(-x)
+    return f * sp, -(h * sp + f * torch.sigmoid(-x))
+
+
+class _DenseFocalLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, logits: Tensor, anchor_classes: Tensor, alpha: float | None, factor: ModulatingFactor
+    ):
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            x = logits.detach().float()
+            num_classes = x.shape[-1]
+            flat_x = x.reshape(-1, num_classes)
+            flat_classes = anchor_classes.reshape(-1)
+            pos_weight, neg_weight = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
+            need_grad = ctx.needs_input_grad[0]
+
+            neg_sum, grad = _negative_terms(flat_x, factor, need_grad)
+
+            # Positive elements: replace their negative term by the positive one.
+            pos_anchor = torch.nonzero(flat_classes >= 0).squeeze(1)
+            pos_class = flat_classes[pos_anchor]
+            pos_x = flat_x[pos_anchor, pos_class]
+            pos_loss, pos_grad = _positive_terms(pos_x, factor)
+            wrong_neg, _ = _negative_terms(pos_x, factor, False)
+
+            # Ignored anchors contribute nothing.
+            ignored = torch.nonzero(flat_classes == IGNORE).squeeze(1)
+            ignored_sum, _ = _negative_terms(flat_x[ignored], factor, False)
+
+            total = neg_weight * (neg_sum - wrong_neg - ignored_sum) + pos_weight * pos_loss.sum()
+            if need_grad:
+                # grad holds the negative-term gradient; it is scaled by neg_weight in
+                # backward, so positives are stored divided by it (when it is not zero).
+                if neg_weight > 0:
+                    grad[pos_anchor, pos_class] = (pos_weight / neg_weight) * pos_grad
+                    ctx.scale = neg_weight
+                else:
+                    grad.zero_()
+                    grad[pos_anchor, pos_class] = pos_weight * pos_grad
+                    ctx.scale = 1.0
+                grad[ignored] = 0.0
+                ctx.grad = grad.view(logits.shape)
+                ctx.input_dtype = logits.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad = getattr(ctx, "grad", None)
+        if grad is None:
+            raise RuntimeError("dense_focal_loss: backward can run only once per forward")
+        ctx.grad = None  # the saved gradient is scaled in place and handed out
+        grad.mul_(grad_output.float() * ctx.scale)
+        return grad.to(ctx.input_dtype), None, None, None
+
+
+def dense_focal_loss(
+    cls_logits: Tensor,
+    anchor_classes: Tensor,
+    alpha: float | None = 0.25,
+    factor: ModulatingFactor | float = 2.0,
+) -> Tensor:
+    """Sum of the focal loss over all non-ignored anchors and all K classes.
+
+    cls_logits: (..., A, K) logits, any float dtype; anchor_classes: (..., A) int64 with the
+    ground-truth class in [0, K) for foreground anchors, -1 for background, -2 (IGNORE) for
+    anchors left out of the loss. Returns an fp32 scalar (not normalised)."""
+    if not isinstance(factor, ModulatingFactor):
+        factor = PowerFactor(float(factor))
+    if cls_logits.shape[:-1] != anchor_classes.shape:
+        raise ValueError(
+            f"cls_logits {tuple(cls_logits.shape)} and anchor_classes "
+            f"{tuple(anchor_classes.shape)} disagree on the anchor dimensions"
+        )
+    return _DenseFocalLoss.apply(cls_logits, anchor_classes, alpha, factor)
+
+
+# --------------------------------------------------------------------------------------------
+# Box losses
+# --------------------------------------------------------------------------------------------
+
+
+def smooth_l1_loss(deltas: Tensor, target_deltas: Tensor, beta: float) -> Tensor:
+    """Sum over elements of smooth-L1; beta = 0 is pure L1 (Detectron2's RetinaNet default),
+    the paper era used beta = 0.11."""
+    deltas = deltas.float()
+    if beta < 1e-5:
+        return F.l1_loss(deltas, target_deltas, reduction="sum")
+    return F.smooth_l1_loss(deltas, target_deltas, reduction="sum", beta=beta)
+
+
+def giou_loss(boxes: Tensor, target_boxes: Tensor, eps: float = 1e-7) -> Tensor:
+    """Sum over boxes of 1 - GIoU; boxes, target_boxes: (N, 4) xyxy."""
+    boxes = boxes.float()
+    x1 = torch.maximum(boxes[:, 0], target_boxes[:, 0])
+    y1 = torch.maximum(boxes[:, 1], target_boxes[:, 1])
+    x2 = torch.minimum(boxes[:, 2], target_boxes[:, 2])
+    y2 = torch.minimum(boxes[:, 3], target_boxes[:, 3])
+    inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    target_area = (target_boxes[:, 2] - target_boxes[:, 0]) * (
+        target_boxes[:, 3] - target_boxes[:, 1]
+    )
+    union = area + target_area - inter
+    iou = inter / (union + eps)
+    hull_w = torch.maximum(boxes[:, 2], target_boxes[:, 2]) - torch.minimum(
+        boxes[:, 0], target_boxes[:, 0]
+    )
+    hull_h = torch.maximum(boxes[:, 3], target_boxes[:, 3]) - torch.minimum(
+        boxes[:, 1], target_boxes[:, 1]
+    )
+    hull = hull_w * hull_h
+    giou = iou - (hull - union) / (hull + eps)
+    return (1.0 - giou).sum()

@@ -1,0 +1,137 @@
+"""Inference: from head outputs to detections (paper, Sec. 4 "Inference").
+
+Per level, at most `topk_candidates` (anchor, class) pairs with score > `score_threshold` are
+decoded; the candidates of all levels are merged and class-wise NMS at `nms_threshold` keeps
+the top `max_detections` per image. Boxes are clipped to the (resized) image and then scaled
+to original-image pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from .box_coding import BoxCoder
+
+
+class DetectionPostprocessor:
+    """Args:
+    score_threshold: minimum class probability of a candidate (0.05).
+    topk_candidates: candidates kept per level and image before NMS (1000).
+    nms_threshold: IoU above which a lower-scoring box of the same class is suppressed (0.5).
+    max_detections: detections kept per image after NMS (100; torchvision keeps 300).
+    """
+
+    def __init__(
+        self,
+        box_coder: BoxCoder,
+        score_threshold: float = 0.05,
+        topk_candidates: int = 1000,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+    ) -> None:
+        if not 0.0 <= score_threshold < 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1), got {score_threshold}")
+        self.box_coder = box_coder
+        self.score_threshold = score_threshold
+        self.topk_candidates = topk_candidates
+        self.nms_threshold = nms_threshold
+        self.max_detections = max_detections
+
+    def candidates(
+        self,
+        cls_logits: Tensor,
+        box_deltas: Tensor,
+        anchors: Tensor,
+        num_anchors_per_level: Sequence[int],
+        image_sizes: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top candidates of every level, batched over images.
+
+        cls_logits (B, A, K), box_deltas (B, A, 4), anchors (A, 4); image_sizes (B, 2) (H, W)
+        of the resized images. Returns boxes (B, N, 4) xyxy clipped to the resized image,
+        scores (B, N), labels (B, N), valid (B, N) bool, N = sum over levels of the top-k.
+        """
+        batch, _, num_classes = cls_logits.shape
+        # Thresholding logits is the same as thresholding probabilities (sigmoid is monotone)
+        # and avoids a sigmoid over every (anchor, class) pair.
+        logit_threshold = (
+            math.log(self.score_threshold / (1.0 - self.score_threshold))
+            if self.score_threshold > 0
+            else -math.inf
+        )
+        boxes, scores, labels, valid = [], [], [], []
+        start = 0
+        for count in num_anchors_per_level:
+            logits = cls_logits[:, start : start + count].reshape(batch, -1)
+            k = min(self.topk_candidates, logits.shape[1])
+            top_logits, top_idx = logits.topk(k, dim=1)  # (B, k), sorted
+            anchor_idx = top_idx // num_classes
+            deltas = box_deltas[:, start : start + count].gather(
+                1, anchor_idx[..., None].expand(-1, -1, 4)
+            )
+            level_boxes = self.box_coder.decode(deltas, anchors[start : start + count][anchor_idx])
+            boxes.append(level_boxes)
+            scores.append(torch.sigmoid(top_logits.float()))
+            labels.append(top_idx % num_classes)
+            valid.append(top_logits > logit_threshold)
+            start += count
+        boxes = torch.cat(boxes, dim=1)
+        heights = image_sizes[:, 0, None].to(boxes.dtype)
+        widths = image_sizes[:, 1, None].to(boxes.dtype)
+        boxes = torch.stack(
+            (
+                boxes[..., 0].clamp(min=0).minimum(widths),
+                boxes[..., 1].clamp(min=0).minimum(heights),
+                boxes[..., 2].clamp(min=0).minimum(widths),
+                boxes[..., 3].clamp(min=0).minimum(heights),
+            ),
+            dim=-1,
+        )
+        return boxes, torch.cat(scores, dim=1), torch.cat(labels, dim=1), torch.cat(valid, dim=1)
+
+    def __call__(
+        self,
+        cls_logits: Tensor,
+        box_deltas: Tensor,
+        anchors: Tensor,
+        num_anchors_per_level: Sequence[int],
+        image_sizes: Tensor,
+        original_sizes: Tensor,
+    ) -> list[dict[str, Tensor]]:
+        """Detections per image: `boxes` (N, 4) float32 xyxy in original-image pixels, `scores`
+        (N,) sorted in decreasing order, `labels` (N,) int64 class indices in [0, K).
+        image_sizes, original_sizes: (B, 2) (H, W) of the resized and the original images."""
+        boxes, scores, labels, valid = self.candidates(
+            cls_logits, box_deltas, anchors, num_anchors_per_level, image_sizes
+        )
+        scale = (original_sizes.to(torch.float32) / image_sizes.to(torch.float32)).to(boxes.device)
+        detections = []
+        for i in range(boxes.shape[0]):  # NMS is per image; candidates are already few
+            keep = torch.nonzero(valid[i]).squeeze(1)
+            image_boxes, image_scores, image_labels = (
+                boxes[i, keep].float(),
+                scores[i, keep],
+                labels[i, keep],
+            )
+            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_threshold)
+            keep = keep[: self.max_detections]
+            scale_y, scale_x = scale[i, 0], scale[i, 1]
+            kept = image_boxes[keep]
+            kept = torch.stack(
+                (
+                    kept[:, 0] * scale_x,
+                    kept[:, 1] * scale_y,
+                    kept[:, 2] * scale_x,
+                    kept[:, 3] * scale_y,
+                ),
+                dim=1,
+            )
+            detections.append(
+                {"boxes": kept, "scores": image_scores[keep], "labels": image_labels[keep]}
+            )
+        return detections

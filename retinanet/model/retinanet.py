@@ -1,0 +1,125 @@
+"""RetinaNet: a ResNet-FPN backbone, anchors on P3-P7, a class subnet and a box subnet, trained
+with the focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import AnchorGenerator
+from .backbone import ResNetBackbone
+from .criterion import RetinaNetCriterion
+from .fpn import FeaturePyramid
+from .head import RetinaNetHead
+from .postprocess import DetectionPostprocessor
+
+
+class HeadOutputs(NamedTuple):
+    """cls_logits (B, A, K); box_deltas (B, A, 4); anchors (A, 4) xyxy in input pixels, shared by
+    the batch; num_anchors_per_level: anchors of P3, P4, ... (they sum to A)."""
+
+    cls_logits: Tensor
+    box_deltas: Tensor
+    anchors: Tensor
+    num_anchors_per_level: list[int]
+
+
+class RetinaNet(nn.Module):
+    """The detector. Images come in as a padded batch of RGB pixels in 0-255 units (uint8 or
+    float), with the size of each image before padding; normalisation happens here, on the
+    model's device.
+
+    forward(images, image_sizes) -> HeadOutputs; losses(outputs, targets) -> dict of loss terms;
+    detect(outputs, image_sizes, original_sizes) -> detections per image.
+
+    Args:
+        backbone, fpn, head, anchor_generator, criterion, postprocessor: the parts.
+        pixel_mean, pixel_std: per-channel RGB normalisation in 0-255 units.
+    """
+
+    def __init__(
+        self,
+        backbone: ResNetBackbone,
+        fpn: FeaturePyramid,
+        head: RetinaNetHead,
+        anchor_generator: AnchorGenerator,
+        criterion: RetinaNetCriterion,
+        postprocessor: DetectionPostprocessor,
+        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = fpn
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.criterion = criterion
+        self.postprocessor = postprocessor
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def normalize(self, images: Tensor, image_sizes: Tensor) -> Tensor:
+        """(B, 3, H, W) 0-255 pixels -> normalised float; padding set to 0 after normalisation
+        (the mean colour), as if the images had been normalised before padding."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        height, width = x.shape[-2:]
+        sizes = image_sizes.to(x.device)
+        if bool((sizes[:, 0] < height).any() or (sizes[:, 1] < width).any()):
+            rows = torch.arange(height, device=x.device)[None, :, None] < sizes[:, 0, None, None]
+            cols = torch.arange(width, device=x.device)[None, None, :] < sizes[:, 1, None, None]
+            x = x * (rows & cols)[:, None].to(x.dtype)
+        return x
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> HeadOutputs:
+        """images: (B, 3, H, W) padded, 0-255 RGB; image_sizes: (B, 2) (H, W) before padding."""
+        features = self.fpn(self.backbone(self.normalize(images, image_sizes)))
+        cls_logits, box_deltas = self.head(features)
+        feature_sizes = [tuple(f.shape[-2:]) for f in features]
+        anchors = self.anchor_generator(tuple(images.shape[-2:]), feature_sizes, images.device)
+        return HeadOutputs(
+            cls_logits,
+            box_deltas,
+            anchors,
+            self.anchor_generator.num_anchors_per_level(feature_sizes),
+        )
+
+    def losses(
+        self, outputs: HeadOutputs, targets: Sequence[dict[str, Tensor]], progress: float = 0.0
+    ) -> dict[str, Tensor]:
+        """targets: per image `boxes` (n, 4) xyxy in input (resized) pixels, `labels` (n,) in
+        [0, K), optional `crowd_boxes` (c, 4). progress: fraction of training done."""
+        return self.criterion(
+            outputs.cls_logits, outputs.box_deltas, outputs.anchors, targets, progress
+        )
+
+    def detect(
+        self, outputs: HeadOutputs, image_sizes: Tensor, original_sizes: Tensor
+    ) -> list[dict[str, Tensor]]:
+        """Detections per image with boxes in original-image pixels (see DetectionPostprocessor)."""
+        return self.postprocessor(
+            outputs.cls_logits,
+            outputs.box_deltas,
+            outputs.anchors,
+            outputs.num_anchors_per_level,
+            image_sizes,
+            original_sizes,
+        )
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, image_sizes: Tensor, original_sizes: Tensor | None = None):
+        """forward + detect in one call; original_sizes defaults to image_sizes."""
+        outputs = self(images, image_sizes)
+        return self.detect(
+            outputs, image_sizes, image_sizes if original_sizes is None else original_sizes
+        )
