@@ -1,0 +1,98 @@
+"""Plots of the focal loss: loss against p_t (paper Figure 1) and the cumulative distribution of
+the normalised loss over foreground and background samples (paper Figure 4).
+
+Figures are built with `matplotlib.figure.Figure`, not pyplot, so no global backend or figure
+registry is touched; saving renders with Agg and writes atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from retinanet.engine.files import atomic_savefig
+
+_KINDS = ("foreground", "background")
+
+
+def _gamma_label(gamma: float) -> str:
+    return f"γ = {gamma:g}"
+
+
+def _gamma_colors(gammas: Sequence[float]) -> dict[float, tuple[float, ...]]:
+    cmap = colormaps["viridis"]
+    steps = max(len(gammas) - 1, 1)
+    return {g: cmap(0.9 * i / steps) for i, g in enumerate(sorted(gammas))}
+
+
+def plot_cumulative_loss(
+    path: str | os.PathLike,
+    curves: Mapping[tuple[float, str], tuple[np.ndarray, np.ndarray]],
+) -> Figure:
+    """Paper Figure 4: two panels, foreground and background, one curve per gamma.
+
+    curves: {(gamma, kind): (fraction_of_samples, cumulative_loss)}, kind in ("foreground",
+    "background"), both arrays (P,) in [0, 1]. Writes the image to `path` (format from the
+    suffix) and returns the figure.
+    """
+    unknown = {kind for _, kind in curves} - set(_KINDS)
+    if unknown:
+        raise ValueError(f"unknown curve kinds {sorted(unknown)}; expected {list(_KINDS)}")
+    colors = _gamma_colors(sorted({gamma for gamma, _ in curves}))
+    figure = Figure(figsize=(10, 4.2), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, kind in zip(axes, _KINDS, strict=True):
+        for (gamma, curve_kind), (fraction, loss) in sorted(curves.items()):
+            if curve_kind == kind:
+                ax.plot(fraction, loss, color=colors[gamma], label=_gamma_label(gamma))
+        ax.set_title(f"{kind} samples")
+        ax.set_xlabel(f"fraction of {kind} samples (sorted by loss)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left")
+    axes[0].set_ylabel("cumulative normalized loss")
+    atomic_savefig(path, figure, dpi=150)
+    return figure
+
+
+def plot_loss_vs_pt(
+    path: str | os.PathLike,
+    gammas: Sequence[float] = (0, 0.5, 1, 2, 5),
+    well_classified_from: float = 0.6,
+) -> Figure:
+    """Paper Figure 1: loss -(1 - p_t)^gamma log(p_t) against the probability p_t of the
+    ground-truth class, for each gamma (gamma = 0 is the cross entropy), y limited to [0, 5];
+    p_t > `well_classified_from` is shaded as "well-classified examples". Writes the image to
+    `path` (format from the suffix) and returns the figure."""
+    if not gammas:
+        raise ValueError("gammas is empty; give at least one focal-loss gamma")
+    for gamma in gammas:
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+    if not 0.0 < well_classified_from < 1.0:
+        raise ValueError(f"well_classified_from must be in (0, 1), got {well_classified_from}")
+
+    # p_t = 0 has infinite loss; start just above it, the curves leave the y range long before.
+    p_t = np.linspace(1e-3, 1.0, 1000)
+    colors = _gamma_colors(gammas)
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = figure.subplots()
+    for gamma in gammas:
+        loss = -((1.0 - p_t) ** gamma) * np.log(p_t)
+        label = _gamma_label(gamma) + (" (CE)" if gamma == 0 else "")
+        ax.plot(p_t, loss, color=colors[gamma], label=label)
+    ax.axvspan(well_classified_from, 1.0, color="0.85", zorder=0)
+    ax.text((well_classified_from + 1.0) / 2, 2.2, "well-classified\nexamples", ha="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 5)
+    ax.set_xlabel("probability of ground truth class")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    atomic_savefig(path, figure, dpi=150)
+    return figure
