@@ -189,8 +189,10 @@ class TrainConfig:
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0
-    # "" (fp32) | bf16 | fp16 (CUDA only)
+    # "" (fp32) | bf16 | fp16 (CUDA only); bf16 also speeds up CPUs with AVX512-BF16/AMX
     amp: str = ""
+    # channels-last (NHWC) convolutions: faster with oneDNN on CPU and with tensor cores
+    channels_last: bool = False
     seed: int = 0
     log_period: int = 20
     checkpoint_period: int = 5000

@@ -58,12 +58,19 @@ class RetinaNet(nn.Module):
         self.anchor_generator = anchor_generator
         self.criterion = criterion
         self.postprocessor = postprocessor
+        self.channels_last = False
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False
         )
         self.register_buffer(
             "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False
         )
+
+    def use_channels_last(self, enabled: bool = True) -> RetinaNet:
+        """Store convolution weights and feature maps channels-last (NHWC): faster convolutions
+        on CPUs with oneDNN and on tensor cores."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     @property
     def num_classes(self) -> int:
@@ -83,7 +90,10 @@ class RetinaNet(nn.Module):
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> HeadOutputs:
         """images: (B, 3, H, W) padded, 0-255 RGB; image_sizes: (B, 2) (H, W) before padding."""
-        features = self.fpn(self.backbone(self.normalize(images, image_sizes)))
+        x = self.normalize(images, image_sizes)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.fpn(self.backbone(x))
         cls_logits, box_deltas = self.head(features)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = self.anchor_generator(tuple(images.shape[-2:]), feature_sizes, images.device)

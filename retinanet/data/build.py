@@ -1,0 +1,71 @@
+"""Config -> datasets: the one place where data config keys become constructor arguments."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..config import Config, ConfigError, DatasetSplitConfig
+from .coco import CocoDetection
+from .shapes import ensure_shapes_dataset
+from .transforms import DetectionTransform
+
+
+def resolve_data_paths(cfg: Config) -> Config:
+    """With `data.synthetic.enabled`, generate the shapes dataset if needed (a no-op when it is
+    already on disk) and return a config whose data.train/val paths point at it; otherwise
+    return `cfg` unchanged. Call it on one process at a time (rank 0, then a barrier)."""
+    synthetic = cfg.data.synthetic
+    if not synthetic.enabled:
+        return cfg
+    generated = ensure_shapes_dataset(
+        synthetic.root,
+        num_train=synthetic.num_train,
+        num_val=synthetic.num_val,
+        image_size=synthetic.image_size,
+        seed=synthetic.seed,
+    )
+    splits = {
+        "train": DatasetSplitConfig(
+            str(generated.train_image_dir), str(generated.train_annotation_file)
+        ),
+        "val": DatasetSplitConfig(str(generated.val_image_dir), str(generated.val_annotation_file)),
+    }
+    for split, paths in splits.items():
+        given = getattr(cfg.data, split)
+        # Empty, or already resolved (a config saved by a previous run): anything else is a
+        # second dataset that the generator would silently replace.
+        if (given.image_dir or given.annotation_file) and given != paths:
+            raise ConfigError(
+                f"data.synthetic.enabled is true, so data.{split} comes from the generator "
+                f"({paths.image_dir}); leave data.{split}.image_dir/annotation_file empty, or "
+                "set data.synthetic.enabled=false to use your own dataset"
+            )
+    data = replace(cfg.data, train=splits["train"], val=splits["val"])
+    return replace(cfg, data=data)
+
+
+def build_transform(cfg: Config, training: bool) -> DetectionTransform:
+    if training:
+        return DetectionTransform(
+            min_size=cfg.input.min_size,
+            max_size=cfg.input.max_size,
+            flip_prob=cfg.input.flip_prob,
+            photometric_prob=0.5 if cfg.input.color_jitter else 0.0,
+        )
+    return DetectionTransform(min_size=cfg.input.test_min_size, max_size=cfg.input.test_max_size)
+
+
+def build_dataset(cfg: Config, split: str, training: bool) -> CocoDetection:
+    """split: "train" or "val"; training selects the augmentation (and filter_empty)."""
+    paths: DatasetSplitConfig = getattr(cfg.data, split)
+    if not paths.image_dir or not paths.annotation_file:
+        raise ConfigError(
+            f"data.{split}.image_dir and data.{split}.annotation_file must be set "
+            f"(got {paths.image_dir!r}, {paths.annotation_file!r})"
+        )
+    return CocoDetection(
+        paths.image_dir,
+        paths.annotation_file,
+        transform=build_transform(cfg, training),
+        filter_empty=cfg.data.filter_empty and training,
+    )

@@ -1,0 +1,234 @@
+"""Side-by-side timings of our RetinaNet parts against torchvision's on identical inputs.
+
+Every measurement alternates ours and torchvision's call (ABAB...) so that load from other
+processes on a shared machine hits both alike, and reports medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torchvision.models.detection import retinanet_resnet50_fpn
+
+from ..config import load_config
+from ..model.build import build_model
+from ..model.retinanet import RetinaNet
+
+
+@dataclass
+class Comparison:
+    name: str
+    ours_s: float
+    torchvision_s: float
+    target_ratio: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_s / self.torchvision_s
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "ours_s": self.ours_s,
+            "torchvision_s": self.torchvision_s,
+            "ratio": self.ratio,
+            "target_ratio": self.target_ratio,
+            "meets_target": None if self.target_ratio is None else self.ratio <= self.target_ratio,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(
+    ours: Callable[[], object], reference: Callable[[], object], repeats: int, device: torch.device
+) -> tuple[float, float]:
+    """Median seconds of each callable, run alternately after one warm-up call each."""
+    ours()
+    reference()
+    ours_times, ref_times = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours, ours_times), (reference, ref_times)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(ours_times), statistics.median(ref_times)
+
+
+def random_targets(
+    batch: int,
+    height: int,
+    width: int,
+    boxes_per_image: int,
+    num_classes: int,
+    generator: torch.Generator,
+) -> list[dict[str, torch.Tensor]]:
+    """COCO-like boxes: log-uniform sizes from 16 to 512 px, aspect ratios 1/3 to 3, inside
+    the image."""
+    targets = []
+    for _ in range(batch):
+        size = torch.exp(
+            torch.empty(boxes_per_image).uniform_(math.log(16), math.log(512), generator=generator)
+        )
+        aspect = torch.exp(
+            torch.empty(boxes_per_image).uniform_(-math.log(3), math.log(3), generator=generator)
+        )
+        w = (size * aspect.sqrt()).clamp(max=width - 1)
+        h = (size / aspect.sqrt()).clamp(max=height - 1)
+        x1 = torch.rand(boxes_per_image, generator=generator) * (width - w)
+        y1 = torch.rand(boxes_per_image, generator=generator) * (height - h)
+        boxes = torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+        labels = torch.randint(0, num_classes, (boxes_per_image,), generator=generator)
+        targets.append({"boxes": boxes, "labels": labels})
+    return targets
+
+
+def detector_like_logits(
+    batch: int, num_anchors: int, num_classes: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Logits shaped like a trained detector's: almost all anchors confidently background
+    (p ~ 1e-3), a few per cent with one class scoring higher, so that some thousands of
+    (anchor, class) pairs per image pass the 0.05 threshold."""
+    logits = -7.0 + 1.5 * torch.randn(batch, num_anchors, num_classes, generator=generator)
+    hot = torch.rand(batch, num_anchors, generator=generator) < 0.02
+    cls = torch.randint(0, num_classes, (batch, num_anchors), generator=generator)
+    boost = torch.zeros(batch, num_anchors, num_classes)
+    boost.scatter_(2, cls[..., None], (hot.float() * 6.0)[..., None])
+    return logits + boost
+
+
+def _models(num_classes: int, device: torch.device) -> tuple[RetinaNet, torch.nn.Module]:
+    cfg = load_config(None, ["model.backbone.weights=", "input.size_divisibility=32"])
+    ours = build_model(cfg, num_classes).to(device).eval()
+    reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
+    return ours, reference.to(device).eval()
+
+
+def benchmark_loss(
+    device: torch.device,
+    batch: int = 4,
+    height: int = 800,
+    width: int = 1088,
+    num_classes: int = 80,
+    boxes_per_image: int = 50,
+    repeats: int = 5,
+    seed: int = 0,
+) -> Comparison:
+    """Loss forward + backward from head outputs: matching, targets, focal and box losses."""
+    g = torch.Generator().manual_seed(seed)
+    ours, reference = _models(num_classes, device)
+    feature_sizes = [(math.ceil(height / s), math.ceil(width / s)) for s in (8, 16, 32, 64, 128)]
+    anchors = ours.anchor_generator((height, width), feature_sizes, device)
+    num_anchors = anchors.shape[0]
+    cls_logits = (torch.randn(batch, num_anchors, num_classes, generator=g) - 4.0).to(device)
+    box_deltas = (0.1 * torch.randn(batch, num_anchors, 4, generator=g)).to(device)
+    targets = [
+        {k: v.to(device) for k, v in t.items()}
+        for t in random_targets(batch, height, width, boxes_per_image, num_classes, g)
+    ]
+
+    def ours_step() -> None:
+        logits = cls_logits.clone().requires_grad_()
+        deltas = box_deltas.clone().requires_grad_()
+        losses = ours.criterion(logits, deltas, anchors, targets)
+        (losses["loss_cls"] + losses["loss_box"]).backward()
+
+    def reference_step() -> None:
+        logits = cls_logits.clone().requires_grad_()
+        deltas = box_deltas.clone().requires_grad_()
+        losses = reference.compute_loss(
+            targets, {"cls_logits": logits, "bbox_regression": deltas}, [anchors] * batch
+        )
+        (losses["classification"] + losses["bbox_regression"]).backward()
+
+    ours_s, ref_s = time_alternating(ours_step, reference_step, repeats, device)
+    return Comparison(
+        f"loss fwd+bwd (batch {batch}, {height}x{width}, {num_classes} classes, "
+        f"{boxes_per_image} boxes)",
+        ours_s,
+        ref_s,
+        0.35,
+    )
+
+
+def benchmark_postprocess(
+    device: torch.device,
+    batch: int = 4,
+    height: int = 800,
+    width: int = 1088,
+    num_classes: int = 80,
+    repeats: int = 5,
+    seed: int = 0,
+) -> Comparison:
+    """Inference postprocessing from head outputs (thresholds, top-k, decode, NMS)."""
+    g = torch.Generator().manual_seed(seed)
+    ours, reference = _models(num_classes, device)
+    feature_sizes = [(math.ceil(height / s), math.ceil(width / s)) for s in (8, 16, 32, 64, 128)]
+    anchors = ours.anchor_generator((height, width), feature_sizes, device)
+    per_level = ours.anchor_generator.num_anchors_per_level(feature_sizes)
+    cls_logits = detector_like_logits(batch, anchors.shape[0], num_classes, g).to(device)
+    box_deltas = (0.2 * torch.randn(batch, anchors.shape[0], 4, generator=g)).to(device)
+    sizes = torch.tensor([[height, width]] * batch, device=device)
+
+    def ours_step() -> None:
+        ours.postprocessor(cls_logits, box_deltas, anchors, per_level, sizes, sizes)
+
+    split_outputs = {
+        "cls_logits": list(cls_logits.split(per_level, dim=1)),
+        "bbox_regression": list(box_deltas.split(per_level, dim=1)),
+    }
+    split_anchors = [list(anchors.split(per_level))] * batch
+
+    def reference_step() -> None:
+        reference.postprocess_detections(split_outputs, split_anchors, [(height, width)] * batch)
+
+    with torch.no_grad():
+        ours_s, ref_s = time_alternating(ours_step, reference_step, repeats, device)
+    return Comparison(
+        f"postprocess (batch {batch}, {height}x{width}, {num_classes} classes)", ours_s, ref_s, 0.5
+    )
+
+
+def benchmark_train_step(
+    device: torch.device,
+    batch: int = 2,
+    height: int = 800,
+    width: int = 1088,
+    repeats: int = 3,
+    seed: int = 0,
+) -> Comparison:
+    """Whole-model forward + loss + backward of ResNet-50-FPN RetinaNet, ours vs torchvision."""
+    g = torch.Generator().manual_seed(seed)
+    ours, reference = _models(80, device)
+    ours.train()
+    reference.train()
+    images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8).to(
+        device
+    )
+    sizes = torch.tensor([[height, width]] * batch, device=device)
+    targets = [
+        {k: v.to(device) for k, v in t.items()}
+        for t in random_targets(batch, height, width, 20, 80, g)
+    ]
+
+    def ours_step() -> None:
+        losses = ours.losses(ours(images, sizes), targets)
+        (losses["loss_cls"] + losses["loss_box"]).backward()
+
+    float_images = [im.float() / 255 for im in images]
+
+    def reference_step() -> None:
+        losses = reference(float_images, targets)
+        sum(losses.values()).backward()
+
+    ours_s, ref_s = time_alternating(ours_step, reference_step, repeats, device)
+    return Comparison(f"train step R50-FPN (batch {batch}, {height}x{width})", ours_s, ref_s)

@@ -1,0 +1,188 @@
+"""Checkpoints: everything needed to continue training exactly, or to run the model alone.
+
+A checkpoint is a dict saved with torch.save (atomically: temporary file + rename):
+    model       state dict (the bare model, never the DDP wrapper)
+    config      the full config as a plain dict
+    classes     {"names": [...], "category_ids": [...]}: contiguous class index -> dataset category
+    iteration   number of iterations completed
+    optimizer, scheduler, scaler, rng   (training checkpoints only)
+Training writes `model_{iteration:07d}.pth` and points `last_checkpoint` (a one-line text file)
+at the newest; the finished run also writes `model_final.pth`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Config, config_from_dict, config_to_dict
+from .files import atomic_torch_save, atomic_write_text
+
+LAST_CHECKPOINT_FILE = "last_checkpoint"
+FINAL_CHECKPOINT = "model_final.pth"
+
+
+@dataclass
+class ClassInfo:
+    """Class names and the dataset category id of each contiguous class index."""
+
+    names: list[str]
+    category_ids: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.category_ids):
+            raise ValueError(
+                f"{len(self.names)} class names but {len(self.category_ids)} category ids"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def to_dict(self) -> dict[str, list]:
+        return {"names": list(self.names), "category_ids": [int(c) for c in self.category_ids]}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - the global state is what we restore
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    config: Config,
+    classes: ClassInfo,
+    iteration: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Path:
+    path = Path(path)
+    state: dict[str, Any] = {
+        "model": model.state_dict(),
+        "config": config_to_dict(config),
+        "classes": classes.to_dict(),
+        "iteration": int(iteration),
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+        state["rng"] = rng_state()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    atomic_torch_save(path, state)
+    return path
+
+
+def mark_last_checkpoint(output_dir: str | Path, checkpoint: str | Path) -> None:
+    atomic_write_text(Path(output_dir) / LAST_CHECKPOINT_FILE, Path(checkpoint).name + "\n")
+
+
+def find_last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint named in `last_checkpoint`, or None for a fresh output directory."""
+    marker = Path(output_dir) / LAST_CHECKPOINT_FILE
+    if not marker.is_file():
+        return None
+    path = Path(output_dir) / marker.read_text().strip()
+    if not path.is_file():
+        raise FileNotFoundError(f"{marker} names {path.name}, which does not exist in {output_dir}")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by this project (or by tools/convert.py), with errors that name
+    the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        # Training checkpoints hold numpy/python RNG states, hence weights_only=False; only
+        # load checkpoints you trust, as with any pickle.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling error means an unreadable file
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    missing = (
+        [k for k in ("model", "config", "classes") if k not in state]
+        if isinstance(state, dict)
+        else ["model"]
+    )
+    if missing:
+        raise ValueError(
+            f"{path} is not a retinanet checkpoint (missing {missing}); "
+            "convert foreign weights with tools/convert.py"
+        )
+    return state
+
+
+def checkpoint_config(state: dict[str, Any]) -> Config:
+    return config_from_dict(state["config"])
+
+
+def checkpoint_classes(state: dict[str, Any]) -> ClassInfo:
+    return ClassInfo(list(state["classes"]["names"]), list(state["classes"]["category_ids"]))
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], source: str | Path) -> None:
+    """Load `state['model']` into `model`, reporting mismatches by name."""
+    result = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("criterion.")]
+    unexpected = result.unexpected_keys
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {source} does not fit the model built from the config: "
+            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+        )
+
+
+def load_trained_model(
+    weights: str | Path,
+    config_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, Config, ClassInfo]:
+    """A model ready for inference from a checkpoint: its architecture from `config_path` (plus
+    overrides) when given, else from the config stored in the checkpoint; its classes always from
+    the checkpoint. Returns (model in eval mode on `device`, config, classes)."""
+    from ..config import config_from_dict, load_config
+    from ..model.build import build_model
+
+    state = load_checkpoint(weights)
+    if config_path is not None:
+        cfg = load_config(config_path, overrides)
+    else:
+        from ..config import apply_overrides, config_to_dict
+
+        cfg = config_from_dict(
+            apply_overrides(
+                config_to_dict(config_from_dict(state["config"])), list(overrides or [])
+            )
+        )
+    classes = checkpoint_classes(state)
+    model = build_model(cfg, classes.num_classes, load_backbone_weights=False)
+    load_model_weights(model, state, weights)
+    model.to(device).eval()
+    if cfg.train.channels_last:
+        model.use_channels_last()
+    return model, cfg, classes

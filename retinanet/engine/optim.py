@@ -1,0 +1,87 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float) -> list[dict]:
+    """Trainable parameters split into two groups: those of normalisation layers get
+    `weight_decay_norm` (0 by default: decaying a norm's scale towards 0 fights the
+    normalisation), all others `weight_decay`."""
+    norm_params, other_params = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (norm_params if isinstance(module, _NORM_TYPES) else other_params).append(param)
+    groups = [{"params": other_params, "weight_decay": weight_decay}]
+    if norm_params:
+        groups.append({"params": norm_params, "weight_decay": weight_decay_norm})
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    weight_decay_norm: float = 0.0,
+    momentum: float = 0.9,
+    adam_betas: Sequence[float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, weight_decay, weight_decay_norm)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(adam_betas))
+    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+
+
+def lr_factor(
+    iteration: int,
+    max_iter: int,
+    schedule: str = "step",
+    steps: Sequence[int] = (),
+    decay: float = 0.1,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.001,
+) -> float:
+    """Multiplier of the base learning rate at `iteration` (0-based): a linear warmup from
+    `warmup_factor` to 1 over `warmup_iters`, times a step schedule (x `decay` at each of
+    `steps`) or a half-cosine decay to 0 at `max_iter`."""
+    if schedule == "step":
+        factor = decay ** bisect.bisect_right(sorted(steps), iteration)
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iter) / max_iter))
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'step' or 'cosine'")
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    max_iter: int,
+    schedule: str,
+    steps: Sequence[int],
+    decay: float,
+    warmup_iters: int,
+    warmup_factor: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: lr_factor(it, max_iter, schedule, steps, decay, warmup_iters, warmup_factor),
+    )

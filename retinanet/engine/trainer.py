@@ -1,0 +1,389 @@
+"""The training loop: iteration-based (the paper's and Detectron's schedules are in iterations),
+single process or DistributedDataParallel under torchrun, resumable exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Config, config_to_dict, config_to_yaml
+from ..data import build_train_loader
+from ..data.build import build_dataset, resolve_data_paths
+from ..model.build import build_model
+from .checkpoint import (
+    FINAL_CHECKPOINT,
+    ClassInfo,
+    checkpoint_classes,
+    find_last_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    mark_last_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from .distributed import (
+    barrier,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    reduce_mean,
+)
+from .evaluation import CocoMetrics
+from .files import atomic_write_text
+from .inference import evaluate_model
+from .optim import build_lr_scheduler, build_optimizer
+from .precision import autocast, check_amp, grad_scaler
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because a loss term became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_checkpoint: Path | None
+    iterations: int
+    metrics: CocoMetrics | None
+    skipped_steps: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} requested but CUDA is not available")
+    return resolved
+
+
+class MetricsLog:
+    """One JSON line per log step in metrics.jsonl, mirrored to TensorBoard (rank 0 only)."""
+
+    def __init__(self, output_dir: Path, start_iter: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = output_dir / METRICS_FILE
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():
+            # After a resume, lines written past the checkpoint belong to the interrupted run.
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= start_iter
+            ]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_iter + 1)
+
+    def write(self, iteration: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        # NaN (e.g. COCO's "no ground truth in this area range") is not valid JSON: null.
+        record = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in values.items()
+        }
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"iteration": iteration, **record}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _first_nonfinite(losses: Mapping[str, torch.Tensor]) -> str | None:
+    for name, value in losses.items():
+        if name.startswith("loss") and not torch.isfinite(value).all():
+            return name
+    return None
+
+
+def _all_finite_everywhere(finite: bool, device: torch.device) -> bool:
+    """Every process must take the same branch, or DDP's gradient all-reduce deadlocks."""
+    if get_world_size() == 1:
+        return finite
+    flag = torch.tensor(1.0 if finite else 0.0, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def train(
+    cfg: Config,
+    output_dir: str | Path,
+    resume: bool = False,
+    device: str = "auto",
+    stop_at_iteration: int | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> TrainResult:
+    """Train a RetinaNet as `cfg` says, writing checkpoints, metrics.jsonl, TensorBoard scalars,
+    config.yaml and (with `evaluate`) the final COCO evaluation into `output_dir`.
+
+    resume: continue from the last checkpoint in `output_dir` (a fresh start if there is none).
+    stop_at_iteration: stop after this many iterations as if interrupted (no final checkpoint,
+        no evaluation): for time-boxed jobs and for testing resume.
+    """
+    output_dir = Path(output_dir)
+    torch_device = init_distributed(resolve_device(device).type)
+    check_amp(cfg.train.amp, torch_device)
+    world_size, rank = get_world_size(), get_rank()
+    if cfg.train.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by "
+            f"the {world_size} processes"
+        )
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg = resolve_data_paths(cfg)
+    barrier()
+    if not is_main_process():
+        cfg = resolve_data_paths(cfg)  # already generated: only fills in the paths
+
+    train_set = build_dataset(cfg, "train", training=True)
+    classes = ClassInfo(train_set.class_names, train_set.category_ids)
+    checkpoint_path = find_last_checkpoint(output_dir) if resume else None
+    state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, classes.num_classes, load_backbone_weights=state is None)
+    model.to(torch_device)
+    if cfg.train.channels_last:
+        model.use_channels_last()
+    lr = cfg.train.base_lr * cfg.train.batch_size / cfg.train.reference_batch_size
+    optimizer = build_optimizer(
+        model,
+        cfg.train.optimizer,
+        lr,
+        cfg.train.weight_decay,
+        cfg.train.weight_decay_norm,
+        cfg.train.momentum,
+        cfg.train.adam_betas,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        cfg.train.max_iter,
+        cfg.train.lr_schedule,
+        cfg.train.lr_steps,
+        cfg.train.lr_decay,
+        cfg.train.warmup_iters,
+        cfg.train.warmup_factor,
+    )
+    scaler = grad_scaler(cfg.train.amp, torch_device)
+
+    start_iter = 0
+    if state is not None:
+        if checkpoint_classes(state) != classes:
+            raise ValueError(
+                f"{checkpoint_path} was trained on classes {checkpoint_classes(state).names}, but "
+                f"{cfg.data.train.annotation_file} defines {classes.names}"
+            )
+        changed = _config_differences(state["config"], config_to_dict(cfg))
+        if changed and is_main_process():
+            print(
+                f"warning: resuming with a config that differs from the checkpoint's in {changed}"
+            )
+        load_model_weights(model, state, checkpoint_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_iter = int(state["iteration"])
+        if is_main_process():
+            print(f"resuming from {checkpoint_path} at iteration {start_iter}")
+        del state
+
+    if is_main_process():
+        atomic_write_text(output_dir / "config.yaml", config_to_yaml(cfg))
+    ddp_model = (
+        DistributedDataParallel(
+            model, device_ids=[torch_device] if torch_device.type == "cuda" else None
+        )
+        if world_size > 1
+        else model
+    )
+    loader = build_train_loader(
+        train_set,
+        batch_size=cfg.train.batch_size // world_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+        start_iter=start_iter,
+        rank=rank,
+        world_size=world_size,
+        aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+        size_divisibility=cfg.input.size_divisibility,
+        pin_memory=torch_device.type == "cuda",
+    )
+    log = MetricsLog(output_dir, start_iter, enabled=is_main_process())
+    val_set = None
+
+    def save(iteration: int, name: str | None = None, training_state: bool = True) -> Path | None:
+        path = None
+        if is_main_process():
+            path = save_checkpoint(
+                output_dir / (name or f"model_{iteration:07d}.pth"),
+                model,
+                cfg,
+                classes,
+                iteration,
+                optimizer if training_state else None,
+                scheduler if training_state else None,
+                scaler if training_state else None,
+            )
+            if training_state:
+                mark_last_checkpoint(output_dir, path)
+        barrier()
+        return path
+
+    def run_evaluation(iteration: int, final: bool) -> CocoMetrics:
+        nonlocal val_set
+        if val_set is None:
+            val_set = build_dataset(cfg, "val", training=False)
+        metrics = evaluate_model(
+            model,
+            val_set,
+            classes,
+            torch_device,
+            output_dir=output_dir / ("eval" if final else f"eval_{iteration:07d}"),
+            batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers,
+            size_divisibility=cfg.input.size_divisibility,
+            backend=cfg.eval.backend,
+            amp=cfg.train.amp,
+            verbose=final,
+        )
+        log.write(iteration, {f"eval/{k}": v for k, v in metrics.summary_numbers().items()})
+        return metrics
+
+    max_iter = cfg.train.max_iter
+    end_iter = max_iter if stop_at_iteration is None else min(max_iter, stop_at_iteration)
+    bar = tqdm(
+        total=max_iter,
+        initial=start_iter,
+        disable=not (progress and is_main_process()),
+        dynamic_ncols=True,
+    )
+    model.train()
+    data_iter = iter(loader)
+    skipped = 0
+    window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+    try:
+        for iteration in range(start_iter, end_iter):
+            fetch_start = time.perf_counter()
+            batch = next(data_iter).to(torch_device, non_blocking=True)
+            data_time += time.perf_counter() - fetch_start
+
+            with autocast(cfg.train.amp, torch_device):
+                outputs = ddp_model(batch.images, batch.image_sizes)
+            losses = model.losses(outputs, batch.targets, progress=iteration / max_iter)
+            loss = losses["loss_cls"] + losses["loss_box"]
+
+            bad_term = _first_nonfinite(losses)
+            if not _all_finite_everywhere(bad_term is None, torch_device):
+                if cfg.train.on_nonfinite == "stop":
+                    where = bad_term or "a loss term on another process"
+                    last = find_last_checkpoint(output_dir) if is_main_process() else None
+                    raise NonFiniteLossError(
+                        f"non-finite {where} at iteration {iteration + 1} "
+                        f"(values: { {k: float(v.detach()) for k, v in losses.items()} }); "
+                        f"nothing was saved for this iteration; last checkpoint: {last or 'none'}. "
+                        "Lower train.base_lr, enable train.clip_grad_norm, or set "
+                        "train.on_nonfinite=skip to skip such steps."
+                    )
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                bar.update(1)
+                continue
+
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if cfg.train.clip_grad_norm > 0:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            window_iters += 1
+            bar.update(1)
+
+            done = iteration + 1
+            if done % cfg.train.log_period == 0 or done == end_iter:
+                values = reduce_mean({"loss": loss, **losses})
+                elapsed = time.perf_counter() - window_start
+                seconds_per_iter = elapsed / max(window_iters, 1)
+                values.update(
+                    lr=optimizer.param_groups[0]["lr"],
+                    time=seconds_per_iter,
+                    data_time=data_time / max(window_iters, 1),
+                    eta_seconds=seconds_per_iter * (max_iter - done),
+                )
+                if torch_device.type == "cuda":
+                    values["max_memory_mib"] = torch.cuda.max_memory_allocated(torch_device) / 2**20
+                if skipped:
+                    values["skipped_steps"] = skipped
+                log.write(done, values)
+                bar.set_postfix(
+                    loss=f"{values['loss']:.3f}",
+                    cls=f"{values['loss_cls']:.3f}",
+                    box=f"{values['loss_box']:.3f}",
+                    lr=f"{values['lr']:.2e}",
+                )
+                window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+            if done % cfg.train.checkpoint_period == 0 and done < max_iter:
+                save(done)
+            if (
+                evaluate
+                and cfg.train.eval_period > 0
+                and done % cfg.train.eval_period == 0
+                and done < max_iter
+            ):
+                run_evaluation(done, final=False)
+    finally:
+        bar.close()
+
+    if end_iter < max_iter:  # stopped early on request: as if interrupted
+        log.close()
+        return TrainResult(output_dir, None, end_iter, None, skipped)
+
+    save(max_iter)
+    final = save(max_iter, FINAL_CHECKPOINT, training_state=False)
+    metrics = run_evaluation(max_iter, final=True) if evaluate else None
+    log.close()
+    return TrainResult(output_dir, final, max_iter, metrics, skipped)

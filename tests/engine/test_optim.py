@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from retinanet.engine.optim import build_lr_scheduler, build_optimizer, lr_factor, parameter_groups
+
+
+def test_step_schedule_with_linear_warmup():
+    kw = dict(
+        max_iter=90000,
+        schedule="step",
+        steps=[60000, 80000],
+        decay=0.1,
+        warmup_iters=1000,
+        warmup_factor=0.001,
+    )
+    assert lr_factor(0, **kw) == pytest.approx(0.001)
+    assert lr_factor(500, **kw) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(1000, **kw) == 1.0
+    assert lr_factor(59999, **kw) == 1.0
+    assert lr_factor(60000, **kw) == pytest.approx(0.1)
+    assert lr_factor(80000, **kw) == pytest.approx(0.01)
+
+
+def test_cosine_schedule():
+    kw = dict(max_iter=100, schedule="cosine", warmup_iters=0)
+    assert lr_factor(0, **kw) == 1.0
+    assert lr_factor(50, **kw) == pytest.approx(0.5)
+    assert lr_factor(100, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(25, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_scheduler_drives_optimizer_lr():
+    model = nn.Linear(2, 2)
+    opt = build_optimizer(model, "sgd", 0.01, 1e-4)
+    sched = build_lr_scheduler(opt, 10, "step", [5], 0.1, 2, 0.5)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.005, 0.0075, 0.01, 0.01, 0.01, 0.001, 0.001, 0.001])
+
+
+def test_no_weight_decay_on_norm_layers_and_frozen_params_excluded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 1))
+    model[2].weight.requires_grad_(False)
+    groups = parameter_groups(model, weight_decay=1e-4, weight_decay_norm=0.0)
+    decayed = {id(p) for p in groups[0]["params"]}
+    not_decayed = {id(p) for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == 0.0
+    assert not_decayed == {id(model[1].weight), id(model[1].bias)}
+    assert decayed == {id(model[0].weight), id(model[0].bias), id(model[2].bias)}
+
+
+def test_unknown_optimizer_is_named():
+    with pytest.raises(ValueError, match="'lamb'"):
+        build_optimizer(nn.Linear(1, 1), "lamb", 0.1, 0.0)
+    with pytest.raises(ValueError, match="'poly'"):
+        lr_factor(0, 10, "poly")
+
+
+def test_adamw_betas():
+    opt = build_optimizer(nn.Linear(1, 1), "adamw", 1e-3, 0.05, adam_betas=(0.8, 0.9))
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.9)

@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+from retinanet.engine import trainer as trainer_module
+from retinanet.engine.checkpoint import FINAL_CHECKPOINT, find_last_checkpoint, load_checkpoint
+from retinanet.engine.trainer import NonFiniteLossError, train
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_config):
+    full = train(tiny_config, tmp_path / "full", progress=False, evaluate=False)
+    interrupted = train(
+        tiny_config, tmp_path / "resumed", stop_at_iteration=4, progress=False, evaluate=False
+    )
+    assert interrupted.final_checkpoint is None
+    # Stopped after iteration 4: the last checkpoint is the one written at iteration 3.
+    assert find_last_checkpoint(tmp_path / "resumed").name == "model_0000003.pth"
+    resumed = train(tiny_config, tmp_path / "resumed", resume=True, progress=False, evaluate=False)
+    assert resumed.iterations == full.iterations == 6
+
+    expected, got = _weights(full.final_checkpoint), _weights(resumed.final_checkpoint)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+    # The log of the resumed run has each iteration once, with the same losses.
+    def log(path):
+        return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    full_log, resumed_log = log(tmp_path / "full"), log(tmp_path / "resumed")
+    assert (
+        [r["iteration"] for r in resumed_log]
+        == [r["iteration"] for r in full_log]
+        == list(range(1, 7))
+    )
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
+
+
+def test_checkpoint_contents(tmp_path, tiny_config):
+    result = train(tiny_config, tmp_path, progress=False, evaluate=False)
+    state = load_checkpoint(tmp_path / "model_0000006.pth")
+    assert {
+        "model",
+        "config",
+        "classes",
+        "iteration",
+        "optimizer",
+        "scheduler",
+        "rng",
+    } <= state.keys()
+    assert state["iteration"] == 6
+    assert state["classes"]["names"] == [
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "cross",
+        "hexagon",
+        "ring",
+    ]
+    assert state["config"]["train"]["max_iter"] == 6
+    final = load_checkpoint(result.final_checkpoint)
+    assert result.final_checkpoint.name == FINAL_CHECKPOINT and "optimizer" not in final
+    assert (tmp_path / "config.yaml").is_file()
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def _poison_at(monkeypatch, iteration_to_poison: int, term: str):
+    """Make `term` NaN at one iteration (1-based) by wrapping the model's losses."""
+    from retinanet.model.retinanet import RetinaNet
+
+    original = RetinaNet.losses
+    calls = {"n": 0}
+
+    def losses(self, outputs, targets, progress=0.0):
+        out = original(self, outputs, targets, progress)
+        calls["n"] += 1
+        if calls["n"] == iteration_to_poison:
+            out[term] = out[term] * float("nan")
+        return out
+
+    monkeypatch.setattr(RetinaNet, "losses", losses)
+
+
+def test_nonfinite_loss_stops_naming_iteration_and_term(tmp_path, tiny_config, monkeypatch):
+    _poison_at(monkeypatch, 5, "loss_box")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss_box at iteration 5") as err:
+        train(tiny_config, tmp_path, progress=False, evaluate=False)
+    assert "model_0000003.pth" in str(err.value)
+    # Nothing was written after the failure; the earlier checkpoint is intact and loadable.
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000003.pth"]
+    assert load_checkpoint(tmp_path / "model_0000003.pth")["iteration"] == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_nonfinite_loss_can_skip_the_step(tmp_path, tiny_config, monkeypatch):
+    import dataclasses
+
+    _poison_at(monkeypatch, 2, "loss_cls")
+    cfg = dataclasses.replace(
+        tiny_config, train=dataclasses.replace(tiny_config.train, on_nonfinite="skip")
+    )
+    result = train(cfg, tmp_path, progress=False, evaluate=False)
+    assert result.skipped_steps == 1 and result.iterations == 6
+    for value in _weights(result.final_checkpoint).values():
+        assert torch.isfinite(value.float()).all()
+
+
+def test_batch_size_must_divide_world(tiny_config, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(trainer_module, "get_world_size", lambda: 3)
+    cfg = dataclasses.replace(
+        tiny_config, train=dataclasses.replace(tiny_config.train, batch_size=4)
+    )
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        train(cfg, tmp_path, progress=False, evaluate=False)
