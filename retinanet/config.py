@@ -252,9 +252,16 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 class _Sourced(dict):
-    """A mapping that remembers the file it came from, for error messages."""
+    """A mapping that remembers where it and each of its keys came from (a file or an
+    override), for error messages: after merging, one section can hold keys from several."""
 
-    source = ""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = ""
+        self.key_sources: dict[str, str] = {}
+
+    def key_source(self, key: str) -> str:
+        return self.key_sources.get(key, self.source)
 
 
 def _tag_source(data: dict, source: str) -> dict:
@@ -262,18 +269,25 @@ def _tag_source(data: dict, source: str) -> dict:
         {k: _tag_source(v, source) if isinstance(v, dict) else v for k, v in data.items()}
     )
     tagged.source = source
+    tagged.key_sources = dict.fromkeys(data, source)
     return tagged
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = _Sourced(base)
     merged.source = getattr(override, "source", getattr(base, "source", ""))
+    merged.key_sources = {k: _key_source(base, k) for k in base}
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value
+        merged.key_sources[key] = _key_source(override, key)
     return merged
+
+
+def _key_source(data: dict, key: str) -> str:
+    return data.key_source(key) if isinstance(data, _Sourced) else ""
 
 
 def _unknown_key(key: str, prefix: str, known: list[str], source: str) -> ConfigError:
@@ -334,16 +348,16 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    source = getattr(data, "source", "")
     kwargs = {}
     for key, value in data.items():
+        source = _key_source(data, key)
         if key not in fields:
             raise _unknown_key(str(key), prefix, sorted(fields), source)
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = _build(annotation, value, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, annotation, f"{prefix}{key}", getattr(data, "source", ""))
+            kwargs[key] = _coerce(value, annotation, f"{prefix}{key}", source)
     return cls(**kwargs)
 
 
@@ -364,17 +378,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
+        source = f"command-line override {text!r}"
         node = data
         for part in path[:-1]:
             child = node.get(part)
             if not isinstance(child, dict):
-                child = _Sourced()
+                child = _tag_source({}, source)
                 node[part] = child
+                _set_key_source(node, part, source)
             node = child
         node[path[-1]] = value
-        if isinstance(node, _Sourced):
-            node.source = f"command-line override {text!r}"
+        _set_key_source(node, path[-1], source)
     return data
+
+
+def _set_key_source(node: dict, key: str, source: str) -> None:
+    if isinstance(node, _Sourced):
+        node.key_sources[key] = source
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

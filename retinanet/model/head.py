@@ -29,8 +29,10 @@ class RetinaNetHead(nn.Module):
         num_anchors: anchors per location, A.
         num_classes: object classes, K (no background class: sigmoid outputs).
         num_convs: 3x3 conv + ReLU layers in each subnet before the output conv (4).
-        norm: None, "gn" (GroupNorm, 32 groups), or "bn" after each subnet conv; normalisation
-            layers are not shared across levels in torchvision/detectron2 either.
+        norm: None, "gn" (GroupNorm, 32 groups), or "bn" after each subnet conv. Like the
+            convs, the normalisation layers are shared by all levels, as in torchvision's v2
+            head; shared BatchNorm mixes the statistics of the levels (Detectron2 warns it
+            works poorly), so prefer "gn".
         prior_probability: initial foreground probability of every anchor, pi (0.01).
     """
 

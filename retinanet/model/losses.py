@@ -63,8 +63,12 @@ class PowerFactor(ModulatingFactor):
             raise ValueError(f"focal loss gamma must be >= 0, got {self.gamma}")
 
     def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        one_minus_p = torch.sigmoid(-z)
-        f = one_minus_p.pow(self.gamma)
+        # (1 - p_t)^gamma as exp(-gamma softplus(z)): pow() of a sigmoid that underflows to 0
+        # has an infinite derivative for gamma < 1, which autograd turns into a NaN gradient.
+        if self.gamma == 0:
+            f = torch.ones_like(z)  # also where softplus(z) = inf (p_t = 1 in __call__)
+        else:
+            f = torch.exp(-self.gamma * F.softplus(z))
         return f, self.gamma * torch.sigmoid(z) * f
 
 

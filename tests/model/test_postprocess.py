@@ -1,0 +1,145 @@
+"""Inference post-processing against torchvision's RetinaNet and hand-made cases."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection.retinanet import RetinaNet as TorchvisionRetinaNet
+
+from retinanet.model.anchors import AnchorGenerator
+from retinanet.model.box_coding import BoxCoder
+from retinanet.model.postprocess import DetectionPostprocessor
+
+FEATURE_SIZES = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # a 128 x 192 padded batch
+NUM_CLASSES = 5
+
+
+def _torchvision_postprocessor(score_threshold, topk, nms_threshold, max_detections):
+    backbone = nn.Module()
+    backbone.out_channels = 8  # only the head reads it; the backbone is never run
+    return TorchvisionRetinaNet(
+        backbone,
+        NUM_CLASSES,
+        score_thresh=score_threshold,
+        nms_thresh=nms_threshold,
+        detections_per_img=max_detections,
+        topk_candidates=topk,
+    ).eval()
+
+
+def _assert_same_detections(got, expected):
+    """One-to-one: each expected detection has exactly one detection with the same label, a
+    score within 1e-6 and a box within 1e-3 px (NMS may order equal scores differently)."""
+    assert len(got["boxes"]) == len(expected["boxes"])
+    close = (
+        (got["labels"][:, None] == expected["labels"][None, :])
+        & ((got["scores"][:, None] - expected["scores"][None, :]).abs() <= 1e-6)
+        & ((got["boxes"][:, None] - expected["boxes"][None, :]).abs().amax(-1) <= 1e-3)
+    )
+    assert (close.sum(0) == 1).all() and (close.sum(1) == 1).all()
+
+
+@pytest.mark.parametrize(
+    ("score_threshold", "topk", "nms_threshold", "max_detections"),
+    [(0.05, 40, 0.5, 300), (0.05, 1000, 0.5, 25), (0.3, 15, 0.3, 100), (0.0, 30, 0.7, 50)],
+)
+def test_matches_torchvision(score_threshold, topk, nms_threshold, max_detections):
+    g = torch.Generator().manual_seed(0)
+    anchors = AnchorGenerator()((128, 192), FEATURE_SIZES)
+    num_anchors = anchors.shape[0]
+    cls_logits = torch.randn(2, num_anchors, NUM_CLASSES, generator=g) * 2 - 3
+    box_deltas = torch.randn(2, num_anchors, 4, generator=g) * 0.5
+    box_deltas[:, ::50, 2:] = 8.0  # some huge boxes: exercises the scale clamp and clipping
+    image_sizes = torch.tensor([[120, 190], [100, 150]])
+    original_sizes = torch.tensor([[240, 380], [50, 80]])
+    counts = AnchorGenerator().num_anchors_per_level(FEATURE_SIZES)
+
+    postprocess = DetectionPostprocessor(
+        BoxCoder(), score_threshold, topk, nms_threshold, max_detections
+    )
+    ours = postprocess(cls_logits, box_deltas, anchors, counts, image_sizes, original_sizes)
+
+    reference = _torchvision_postprocessor(score_threshold, topk, nms_threshold, max_detections)
+    head_outputs = {
+        "cls_logits": list(cls_logits.split(counts, dim=1)),
+        "bbox_regression": list(box_deltas.split(counts, dim=1)),
+    }
+    per_image_anchors = [list(anchors.split(counts))] * 2
+    shapes = [tuple(s) for s in image_sizes.tolist()]
+    with torch.no_grad():
+        expected = reference.postprocess_detections(head_outputs, per_image_anchors, shapes)
+        expected = reference.transform.postprocess(
+            expected, shapes, [tuple(s) for s in original_sizes.tolist()]
+        )
+    for got, want in zip(ours, expected, strict=True):
+        assert len(want["boxes"]) > 5  # the comparison needs something to compare
+        _assert_same_detections(got, want)
+        assert torch.equal(got["scores"], got["scores"].sort(descending=True).values)
+    if max_detections == 25:
+        assert all(len(d["boxes"]) == 25 for d in ours)
+
+
+def _single_anchor_case(logit: float, deltas=(0.0, 0.0, 0.0, 0.0)):
+    """One level with two anchors and two classes; only (anchor 0, class 1) can fire."""
+    anchors = torch.tensor([[-10.0, 20.0, 30.0, 60.0], [50.0, 50.0, 60.0, 60.0]])
+    cls_logits = torch.full((1, 2, 2), -20.0)
+    cls_logits[0, 0, 1] = logit
+    box_deltas = torch.zeros(1, 2, 4)
+    box_deltas[0, 0] = torch.tensor(deltas)
+    return cls_logits, box_deltas, anchors
+
+
+def test_single_detection_is_clipped_and_scaled_to_the_original_image():
+    cls_logits, box_deltas, anchors = _single_anchor_case(2.0)
+    postprocess = DetectionPostprocessor(BoxCoder())
+    # Resized image 50 x 100 (H x W) of an original 100 x 400: x scales by 4, y by 2.
+    detections = postprocess(
+        cls_logits, box_deltas, anchors, [2], torch.tensor([[50, 100]]), torch.tensor([[100, 400]])
+    )[0]
+    assert detections["labels"].tolist() == [1]
+    assert detections["scores"].tolist() == pytest.approx([1 / (1 + math.exp(-2.0))])
+    # Anchor [-10, 20, 30, 60] clipped to [0, 0, 100, 50] -> [0, 20, 30, 50], then scaled.
+    assert detections["boxes"].tolist() == [pytest.approx([0.0, 40.0, 120.0, 100.0])]
+    assert detections["boxes"].dtype == torch.float32
+
+
+def test_score_threshold_is_strict():
+    threshold = 0.25
+    logit = math.log(threshold / (1 - threshold))
+    postprocess = DetectionPostprocessor(BoxCoder(), score_threshold=threshold)
+    sizes = torch.tensor([[100, 100]])
+    for offset, expected in [(-1e-4, 0), (1e-4, 1)]:
+        cls_logits, box_deltas, anchors = _single_anchor_case(logit + offset)
+        found = postprocess(cls_logits, box_deltas, anchors, [2], sizes, sizes)[0]
+        assert len(found["boxes"]) == expected
+
+
+def test_nms_is_per_class():
+    # Two identical boxes: suppressed if the class is the same, both kept otherwise.
+    anchors = torch.tensor([[10.0, 10.0, 50.0, 50.0], [10.0, 10.0, 50.0, 50.0]])
+    sizes = torch.tensor([[100, 100]])
+    postprocess = DetectionPostprocessor(BoxCoder())
+    same = torch.tensor([[[3.0, -20.0], [2.0, -20.0]]])
+    different = torch.tensor([[[3.0, -20.0], [-20.0, 2.0]]])
+    deltas = torch.zeros(1, 2, 4)
+    kept_same = postprocess(same, deltas, anchors, [2], sizes, sizes)[0]
+    kept_different = postprocess(different, deltas, anchors, [2], sizes, sizes)[0]
+    assert kept_same["labels"].tolist() == [0]
+    assert kept_different["labels"].tolist() == [0, 1]
+
+
+def test_no_candidates_gives_empty_detections():
+    cls_logits, box_deltas, anchors = _single_anchor_case(-10.0)
+    sizes = torch.tensor([[100, 100], [100, 100]])
+    detections = DetectionPostprocessor(BoxCoder())(
+        cls_logits.expand(2, -1, -1), box_deltas.expand(2, -1, -1), anchors, [2], sizes, sizes
+    )
+    for d in detections:
+        assert d["boxes"].shape == (0, 4) and d["scores"].shape == (0,)
+        assert d["labels"].shape == (0,)
+
+
+def test_invalid_score_threshold():
+    with pytest.raises(ValueError, match="score_threshold"):
+        DetectionPostprocessor(BoxCoder(), score_threshold=1.0)
