@@ -1,0 +1,608 @@
+"""The calibration study of trained models: how well do detection scores match precision, before
+and after NMS, and how much do temperature scaling and isotonic regression help?
+
+For each checkpoint the model is run on data.val, keeping both the final detections (after NMS)
+and the pre-NMS candidates (`DetectionPostprocessor.candidates`, only the valid ones, i.e. above
+the model's score threshold). Both are matched per image to the ground truth of the original
+annotations (`dataset.coco`, original pixels, crowd boxes as ignore regions) with
+`match_detections_to_gt`; detections that only hit a crowd region are left out of every
+calibration number. Before NMS, the duplicates of a matched box are false positives, as they
+would be if NMS let them through: that is what NMS does to calibration.
+
+The images are split once (`split_image_ids`, the same split for every model on the same data)
+into a fit part and an evaluation part. All numbers are computed on the evaluation part. The
+detections scored are those whose *original* score is >= min_score, the detector's operating
+point: recalibration changes their confidences, never which detections are scored. So that all
+rows are binned alike, every reliability diagram uses `num_bins` equal bins over [0, 1].
+Temperature scaling and isotonic regression are fitted on the after-NMS detections of the fit
+part with original score >= min_score, then applied to the evaluation part. When one cannot
+be fitted (say, no correct detection in the fit part), its numbers are null and the reason is
+recorded.
+
+COCO AP and AP50 on the evaluation part are reported with the original scores and with each
+recalibrated set. Temperature scaling is strictly increasing, so its AP equals the original one
+unless float rounding merges scores into ties (see `apply_temperature`); isotonic regression is
+only non-decreasing and may change AP.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+from retinanet.analysis.calibration import (
+    CalibrationResult,
+    DetectionMatches,
+    apply_temperature,
+    calibration_metrics,
+    fit_isotonic,
+    fit_temperature,
+    match_detections_to_gt,
+    reliability_diagram,
+    scores_to_logits,
+    split_image_ids,
+)
+from retinanet.data import CocoDetection, build_test_loader
+from retinanet.data.build import build_dataset, resolve_data_paths
+from retinanet.engine.checkpoint import (
+    FINAL_CHECKPOINT,
+    ClassInfo,
+    checkpoint_config,
+    load_checkpoint,
+    load_trained_model,
+)
+from retinanet.engine.evaluation import detections_to_coco_results, evaluate_coco
+from retinanet.engine.files import atomic_open, atomic_write_json, atomic_write_text
+from retinanet.engine.inference import keep_known_categories
+from retinanet.engine.precision import autocast
+from retinanet.model.retinanet import RetinaNet
+
+# The score sets of the study, in table order: name -> label in tables and diagram titles.
+SCORE_SETS = {
+    "before_nms": "before NMS",
+    "after_nms": "after NMS",
+    "temperature": "after NMS + temperature",
+    "isotonic": "after NMS + isotonic",
+}
+CALIBRATION_FILENAME = "calibration.json"
+TABLE_COLUMNS = (
+    "model",
+    "checkpoint",
+    "gamma",
+    "alpha",
+    *(f"{metric}_{name}" for name in SCORE_SETS for metric in ("d_ece", "mce", "brier")),
+    "temperature",
+    "ap",
+    "ap50",
+    "ap_temperature",
+    "ap50_temperature",
+    "ap_isotonic",
+    "ap50_isotonic",
+)
+
+
+@dataclass
+class Predictions:
+    """Per image, in dataset order: `image_ids`; `detections` after NMS and `candidates`
+    before it, each a dict of numpy arrays `boxes` (N, 4) float32 xyxy original-image pixels,
+    `scores` (N,) float32 and `labels` (N,) int64 contiguous class indices."""
+
+    image_ids: list[int]
+    detections: list[dict[str, np.ndarray]]
+    candidates: list[dict[str, np.ndarray]]
+
+
+@torch.no_grad()
+def collect_predictions(
+    model: RetinaNet,
+    dataset: CocoDetection,
+    device: torch.device,
+    min_candidate_score: float = 0.0,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    size_divisibility: int = 128,
+    amp: str = "",
+    progress: bool = False,
+) -> Predictions:
+    """Run `model` (eval mode, restored afterwards) over `dataset` once, keeping the final
+    detections and the valid pre-NMS candidates scoring >= `min_candidate_score`, both scaled
+    to original-image pixels as `DetectionPostprocessor.__call__` scales its detections.
+    Candidates below the threshold are dropped because there are up to 1000 per level and
+    image; they cannot change how the ones above it match (matching is greedy in score order).
+    """
+    loader = build_test_loader(
+        dataset, batch_size=batch_size, num_workers=num_workers, size_divisibility=size_divisibility
+    )
+    predictions = Predictions([], [], [])
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc="inference", disable=not progress, leave=False):
+            batch = batch.to(device)
+            with autocast(amp, device):
+                outputs = model(batch.images, batch.image_sizes)
+            original_sizes = torch.tensor(batch.orig_sizes, device=device)
+            detections = model.detect(outputs, batch.image_sizes, original_sizes)
+            boxes, scores, labels, valid = model.postprocessor.candidates(
+                outputs.cls_logits,
+                outputs.box_deltas,
+                outputs.anchors,
+                outputs.num_anchors_per_level,
+                batch.image_sizes,
+            )
+            # (B, 1, 2) (y, x) factors from resized to original pixels, as in __call__.
+            scale = (original_sizes.float() / batch.image_sizes.float())[:, None, :]
+            boxes = boxes.float() * scale[..., [1, 0, 1, 0]]
+            kept = valid & (scores >= min_candidate_score)
+            for i, image_id in enumerate(batch.image_ids):
+                predictions.image_ids.append(int(image_id))
+                predictions.detections.append(_to_numpy(detections[i]))
+                predictions.candidates.append(
+                    _to_numpy(
+                        {
+                            "boxes": boxes[i, kept[i]],
+                            "scores": scores[i, kept[i]],
+                            "labels": labels[i, kept[i]],
+                        }
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def ground_truth(coco: COCO, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GT of one image from COCO annotations: boxes (M, 4) float64 xyxy original pixels,
+    category ids (M,) int64, iscrowd (M,) bool."""
+    if image_id not in coco.imgs:
+        raise ValueError(f"image id {image_id} is not in the COCO annotations")
+    annotations = coco.imgToAnns.get(image_id, [])
+    if not annotations:
+        return np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, bool)
+    xywh = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    categories = np.array([a["category_id"] for a in annotations], dtype=np.int64)
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations], dtype=bool)
+    return boxes, categories, crowd
+
+
+def match_to_ground_truth(
+    coco: COCO,
+    image_ids: Sequence[int],
+    detections: Sequence[Mapping[str, np.ndarray]],
+    category_ids: Sequence[int],
+    iou_threshold: float,
+) -> list[DetectionMatches]:
+    """`match_detections_to_gt` for each image; detection labels are contiguous indices mapped
+    to dataset categories through `category_ids`, GT comes from `coco`."""
+    lookup = np.asarray(category_ids, dtype=np.int64)
+    matches = []
+    for image_id, det in zip(image_ids, detections, strict=True):
+        gt_boxes, gt_categories, gt_crowd = ground_truth(coco, image_id)
+        matches.append(
+            match_detections_to_gt(
+                det["boxes"],
+                det["scores"],
+                lookup[det["labels"]],
+                gt_boxes,
+                gt_categories,
+                gt_crowd,
+                iou_threshold,
+            )
+        )
+    return matches
+
+
+def model_name(weights: str | os.PathLike) -> str:
+    """A checkpoint's name in tables: its folder's name for the trainer's final checkpoint
+    (runs/gamma2/model_final.pth -> gamma2), else its file name without suffix."""
+    path = Path(weights)
+    if path.name == FINAL_CHECKPOINT:
+        return path.resolve().parent.name
+    return path.stem
+
+
+def calibrate_model(
+    weights: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config_path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    iou_threshold: float = 0.5,
+    num_bins: int = 10,
+    min_score: float = 0.3,
+    fit_fraction: float = 0.5,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    name: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The study of one checkpoint (see module doc); writes `output_dir`/calibration.json and one
+    reliability diagram per score set (reliability_<set>.png) and returns the JSON record.
+
+    The model is built from `config_path` plus `overrides` (default: the checkpoint's config);
+    `gamma`, `alpha` and `modulation` in the record are those of the config stored in the
+    checkpoint, i.e. the ones it was trained with.
+    """
+    if not 0.0 <= min_score < 1.0:
+        raise ValueError(f"min_score must lie in [0, 1), got {min_score}")
+    device = torch.device(device)
+    name = name or model_name(weights)
+    trained_loss = checkpoint_config(load_checkpoint(weights)).loss
+    model, cfg, classes = load_trained_model(weights, config_path, list(overrides), device)
+    cfg = resolve_data_paths(cfg)
+    dataset = build_dataset(cfg, "val", training=False)
+    try:
+        fit_ids, eval_ids = split_image_ids(dataset.image_ids, fit_fraction, seed)
+    except ValueError as error:
+        raise ValueError(f"{dataset.annotation_file}: {error}") from error
+
+    predictions = collect_predictions(
+        model,
+        dataset,
+        device,
+        min_candidate_score=min_score,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        size_divisibility=cfg.input.size_divisibility,
+        amp=cfg.train.amp,
+        progress=progress,
+    )
+    after_nms = _ScoredDetections.build(
+        dataset.coco, predictions.image_ids, predictions.detections, classes, iou_threshold
+    )
+    before_nms = _ScoredDetections.build(
+        dataset.coco, predictions.image_ids, predictions.candidates, classes, iou_threshold
+    )
+
+    fit_rows = after_nms.rows(fit_ids, min_score)
+    fit_scores, fit_correct = after_nms.scores[fit_rows], after_nms.correct[fit_rows]
+    temperature, temperature_error = _fit_or_error(
+        lambda: fit_temperature(scores_to_logits(fit_scores), fit_correct)
+    )
+    isotonic, isotonic_error = _fit_or_error(lambda: fit_isotonic(fit_scores, fit_correct))
+    # All after-NMS scores (every image, every score, for AP), rescored by each calibrator.
+    rescored = {
+        "after_nms": after_nms.scores,
+        "temperature": None
+        if temperature is None
+        else apply_temperature(after_nms.scores, temperature),
+        "isotonic": None if isotonic is None else isotonic.apply(after_nms.scores),
+    }
+
+    before_rows = before_nms.rows(eval_ids, min_score)
+    after_rows = after_nms.rows(eval_ids, min_score)
+    results = {
+        "before_nms": calibration_metrics(
+            before_nms.scores[before_rows], before_nms.correct[before_rows], num_bins, 0.0
+        ),
+        **{
+            key: None
+            if scores is None
+            else calibration_metrics(
+                scores[after_rows], after_nms.correct[after_rows], num_bins, 0.0
+            )
+            for key, scores in rescored.items()
+        },
+    }
+    output_dir = Path(output_dir)
+    _write_reliability_diagrams(
+        results,
+        output_dir,
+        f"{name}, {len(eval_ids)} evaluation images, original score >= {min_score:g}",
+    )
+    coco_ap = {
+        key: _average_precision(
+            dataset, after_nms, scores, classes, eval_ids, cfg.eval.backend, str(weights)
+        )
+        for key, scores in rescored.items()
+    }
+
+    record = {
+        "model": name,
+        "checkpoint": str(weights),
+        "loss": {
+            "gamma": trained_loss.gamma,
+            "alpha": trained_loss.alpha,
+            "modulation": trained_loss.modulation,
+        },
+        "annotation_file": str(dataset.annotation_file),
+        "settings": {
+            "iou_threshold": iou_threshold,
+            "num_bins": num_bins,
+            "min_score": min_score,
+            "fit_fraction": fit_fraction,
+            "seed": seed,
+        },
+        "fit_image_ids": fit_ids,
+        "eval_image_ids": eval_ids,
+        "num_fit_detections": int(len(fit_scores)),
+        "temperature": {"T": temperature, "error": temperature_error},
+        "isotonic": {
+            "error": isotonic_error,
+            "knot_scores": None if isotonic is None else isotonic.knot_scores.tolist(),
+            "knot_values": None if isotonic is None else isotonic.knot_values.tolist(),
+        },
+        "calibration": {
+            key: None if result is None else _result_record(result)
+            for key, result in results.items()
+        },
+        "coco": coco_ap,
+    }
+    record = _nan_to_none(record)
+    atomic_write_json(output_dir / CALIBRATION_FILENAME, record)
+    return record
+
+
+def compare_calibration(
+    weights: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    config_path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    iou_threshold: float = 0.5,
+    num_bins: int = 10,
+    min_score: float = 0.3,
+    fit_fraction: float = 0.5,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """`calibrate_model` for each checkpoint into `output_dir`/<model name>/, then the table
+    `output_dir`/calibration.csv and .md with one row per checkpoint. Returns the records."""
+    if not weights:
+        raise ValueError("no checkpoints given")
+    missing = [str(w) for w in weights if not Path(w).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint not found: {', '.join(missing)}")
+    names: dict[str, str] = {}
+    for path in weights:
+        name = model_name(path)
+        if name in names:
+            raise ValueError(
+                f"checkpoints {names[name]} and {path} would both be named {name!r}; "
+                "rename one (the name is the file name, or the folder of a model_final.pth)"
+            )
+        names[name] = str(path)
+
+    output_dir = Path(output_dir)
+    records = [
+        calibrate_model(
+            path,
+            output_dir / name,
+            config_path=config_path,
+            overrides=overrides,
+            iou_threshold=iou_threshold,
+            num_bins=num_bins,
+            min_score=min_score,
+            fit_fraction=fit_fraction,
+            seed=seed,
+            device=device,
+            name=name,
+            progress=progress,
+        )
+        for name, path in names.items()
+    ]
+    write_calibration_table(records, output_dir)
+    return records
+
+
+def write_calibration_table(
+    records: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """calibration.csv (columns `TABLE_COLUMNS`, fractions, empty where undefined) and
+    calibration.md (D-ECE / MCE / Brier per score set, AP in percent) in `output_dir`."""
+    if not records:
+        raise ValueError("no calibration records to tabulate")
+    output_dir = Path(output_dir)
+    rows = [_table_row(record) for record in records]
+    paths = {"csv": output_dir / "calibration.csv", "markdown": output_dir / "calibration.md"}
+    with atomic_open(paths["csv"], "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+    def triple(row: Mapping[str, Any], key: str) -> str:
+        return " / ".join(_fixed(row[f"{metric}_{key}"], 3) for metric in ("d_ece", "mce", "brier"))
+
+    header = [
+        "model",
+        "γ",
+        "α",
+        *SCORE_SETS.values(),
+        "T",
+        "AP",
+        "AP (temperature)",
+        "AP (isotonic)",
+    ]
+    settings = records[0]["settings"]
+    lines = [
+        f"D-ECE / MCE / Brier of the detections with original score >= {settings['min_score']} "
+        f"on the evaluation images, correct at IoU >= {settings['iou_threshold']}; "
+        "AP / AP50 in percent on the same images.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for row in rows:
+        cells = [
+            row["model"],
+            _format_value(row["gamma"]),
+            _format_value(row["alpha"]),
+            *(triple(row, key) for key in SCORE_SETS),
+            _fixed(row["temperature"], 3),
+            *(
+                f"{_percent(row[f'ap{suffix}'])} / {_percent(row[f'ap50{suffix}'])}"
+                for suffix in ("", "_temperature", "_isotonic")
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
+    return paths
+
+
+class _ScoredDetections:
+    """All detections of a run flattened: per detection its image, score, box, label and
+    match; built per image, queried by image ids."""
+
+    def __init__(
+        self,
+        image_ids: list[int],
+        detections: Sequence[Mapping[str, np.ndarray]],
+        matches: Sequence[DetectionMatches],
+    ) -> None:
+        counts = [len(d["scores"]) for d in detections]
+        self.image_ids = image_ids
+        self.detections = detections
+        self.image_of = np.repeat(np.asarray(image_ids, dtype=np.int64), counts)
+        self.scores = _concat([d["scores"] for d in detections], np.float64)
+        self.correct = _concat([m.correct for m in matches], bool)
+        self.ignored = _concat([m.ignored for m in matches], bool)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @classmethod
+    def build(
+        cls,
+        coco: COCO,
+        image_ids: list[int],
+        detections: Sequence[Mapping[str, np.ndarray]],
+        classes: ClassInfo,
+        iou_threshold: float,
+    ) -> _ScoredDetections:
+        matches = match_to_ground_truth(
+            coco, image_ids, detections, classes.category_ids, iou_threshold
+        )
+        return cls(image_ids, detections, matches)
+
+    def rows(self, image_ids: Sequence[int], min_score: float) -> np.ndarray:
+        """Indices of the detections of `image_ids` scoring >= min_score, crowd-only ones out."""
+        return np.flatnonzero(
+            np.isin(self.image_of, image_ids) & (self.scores >= min_score) & ~self.ignored
+        )
+
+    def coco_results(self, scores: np.ndarray, classes: ClassInfo) -> list[dict[str, Any]]:
+        """COCO results of all detections with `scores` (aligned with `self.scores`)."""
+        rescored = [
+            {**det, "scores": scores[self.offsets[i] : self.offsets[i + 1]]}
+            for i, det in enumerate(self.detections)
+        ]
+        return detections_to_coco_results(self.image_ids, rescored, classes.category_ids)
+
+
+def _write_reliability_diagrams(
+    results: Mapping[str, CalibrationResult | None], output_dir: Path, subtitle: str
+) -> None:
+    """reliability_<set>.png per score set; a set without result (its calibrator could not be
+    fitted) has its diagram of an earlier run removed, so that none is stale."""
+    for key, result in results.items():
+        path = output_dir / f"reliability_{key}.png"
+        if result is None:
+            path.unlink(missing_ok=True)
+        else:
+            reliability_diagram(result, path, f"{SCORE_SETS[key]}\n({subtitle})")
+
+
+def _average_precision(
+    dataset: CocoDetection,
+    detections: _ScoredDetections,
+    scores: np.ndarray | None,
+    classes: ClassInfo,
+    image_ids: Sequence[int],
+    backend: str,
+    source: str,
+) -> dict[str, float]:
+    """COCO AP and AP50 over `image_ids` of `detections` rescored with `scores`; NaN without
+    scores."""
+    if scores is None:
+        return {"AP": math.nan, "AP50": math.nan}
+    results = keep_known_categories(detections.coco_results(scores, classes), dataset, source)
+    metrics = evaluate_coco(dataset.coco, results, backend=backend, image_ids=image_ids)
+    return {"AP": metrics.AP, "AP50": metrics.AP50}
+
+
+def _fit_or_error(fit: Any) -> tuple[Any, str | None]:
+    """(fitted calibrator, None), or (None, the reason) when the fit part admits no fit."""
+    try:
+        return fit(), None
+    except ValueError as error:
+        return None, str(error)
+
+
+def _result_record(result: CalibrationResult) -> dict[str, Any]:
+    return {
+        "d_ece": result.d_ece,
+        "mce": result.mce,
+        "brier": result.brier,
+        "num_detections": result.num_detections,
+        "bin_edges": result.bin_edges.tolist(),
+        "counts": result.counts.tolist(),
+        "mean_confidence": result.mean_confidence.tolist(),
+        "precision": result.precision.tolist(),
+    }
+
+
+def _table_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "model": record["model"],
+        "checkpoint": record["checkpoint"],
+        "gamma": record["loss"]["gamma"],
+        "alpha": record["loss"]["alpha"],
+    }
+    for key in SCORE_SETS:
+        result = record["calibration"][key] or {}
+        for metric in ("d_ece", "mce", "brier"):
+            row[f"{metric}_{key}"] = result.get(metric)
+    row["temperature"] = record["temperature"]["T"]
+    for key, suffix in (
+        ("after_nms", ""),
+        ("temperature", "_temperature"),
+        ("isotonic", "_isotonic"),
+    ):
+        row[f"ap{suffix}"] = record["coco"][key]["AP"]
+        row[f"ap50{suffix}"] = record["coco"][key]["AP50"]
+    return row
+
+
+def _to_numpy(detection: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {
+        "boxes": detection["boxes"].float().cpu().numpy(),
+        "scores": detection["scores"].float().cpu().numpy(),
+        "labels": detection["labels"].cpu().numpy().astype(np.int64),
+    }
+
+
+def _concat(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays] or [np.zeros(0, dtype)])
+
+
+def _nan_to_none(value: Any) -> Any:
+    """JSON has no NaN: replace it (and infinities) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)

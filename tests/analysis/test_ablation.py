@@ -1,0 +1,243 @@
+"""The ablation grid driver and tools/ablate.py."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from retinanet.analysis import ablation
+from retinanet.analysis.ablation import (
+    GRIDS,
+    run_ablation,
+    scaled_schedule_overrides,
+    select_settings,
+    setting_config,
+    setting_status,
+)
+from retinanet.config import ConfigError, config_to_yaml, load_config
+from retinanet.data.build import resolve_data_paths
+from retinanet.engine.files import atomic_write_json, atomic_write_text
+from retinanet.engine.trainer import NonFiniteLossError
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPES = REPO / "configs" / "shapes.yaml"
+sys.path.insert(0, str(REPO / "tools"))
+
+import ablate  # noqa: E402
+
+
+class FakeTrain:
+    """Stands in for `train`: writes what a finished run leaves behind (config.yaml and
+    eval/metrics.json with AP = alpha / 10, AP50 = alpha / 5, AP75 = gamma / 100), or raises
+    NonFiniteLossError for the settings named in `fail`."""
+
+    def __init__(self, fail=()):
+        self.calls = []
+        self.fail = set(fail)
+
+    def __call__(self, cfg, output_dir, resume=False, device="auto", progress=True):
+        output_dir = Path(output_dir)
+        self.calls.append((output_dir.name, resume))
+        atomic_write_text(output_dir / "config.yaml", config_to_yaml(resolve_data_paths(cfg)))
+        if output_dir.name in self.fail:
+            raise NonFiniteLossError("non-finite loss_cls at iteration 3")
+        alpha, gamma = cfg.loss.alpha, cfg.loss.gamma
+        metrics = {"AP": alpha / 10, "AP50": alpha / 5, "AP75": gamma / 100}
+        atomic_write_json(output_dir / "eval" / "metrics.json", metrics)
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    def install(fail=()):
+        fake = FakeTrain(fail)
+        monkeypatch.setattr(ablation, "train", fake)
+        return fake
+
+    return install
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grids_hold_the_papers_settings():
+    table1a = {s.name: s for s in GRIDS["table1a"].settings}
+    assert list(table1a) == [
+        "alpha0.10",
+        "alpha0.25",
+        "alpha0.50",
+        "alpha0.75",
+        "alpha0.90",
+        "alpha0.99",
+        "alpha0.999",
+    ]
+    assert table1a["alpha0.75"].paper.AP == 31.1
+    table1b = {s.name: s for s in GRIDS["table1b"].settings}
+    assert table1b["gamma2.0_alpha0.25"].paper.AP50 == 52.5
+    assert table1b["gamma0.5_alpha0.50"].paper.AP75 == 35.2
+    cfg = setting_config(SHAPES, "table1b", table1b["gamma0.5_alpha0.50"])
+    assert (cfg.loss.gamma, cfg.loss.alpha) == (0.5, 0.5)
+    cfg = setting_config(SHAPES, "gamma_schedule", GRIDS["gamma_schedule"].setting("cosine"))
+    assert (cfg.loss.gamma_schedule, cfg.loss.gamma_start, cfg.loss.gamma) == ("cosine", 0.0, 2.0)
+    cfg = setting_config(SHAPES, "modulation", GRIDS["modulation"].setting("exponential_beta5"))
+    assert (cfg.loss.modulation, cfg.loss.exponential_beta) == ("exponential", 5.0)
+    assert [s.name for s in GRIDS["calibration"].settings] == [
+        "gamma0",
+        "gamma1",
+        "gamma2",
+        "gamma3",
+    ]
+    assert all(s.paper is None for s in GRIDS["modulation"].settings)
+
+
+def test_max_iter_scales_the_whole_schedule():
+    cfg = load_config(REPO / "configs" / "retinanet_R50_FPN_1x.yaml")
+    assert scaled_schedule_overrides(cfg, 9000) == [
+        "train.max_iter=9000",
+        "train.lr_steps=[6000,8000]",
+        "train.warmup_iters=100",
+        "train.checkpoint_period=500",
+    ]
+    setting = GRIDS["table1a"].setting("alpha0.25")
+    scaled = setting_config(
+        REPO / "configs" / "retinanet_R50_FPN_1x.yaml", "table1a", setting, max_iter=900
+    )
+    assert (scaled.train.max_iter, scaled.train.lr_steps, scaled.train.warmup_iters) == (
+        900,
+        [600, 800],
+        10,
+    )
+
+
+def test_overrides_of_varied_keys_and_unknown_names_are_errors():
+    setting = GRIDS["table1a"].setting("alpha0.25")
+    with pytest.raises(ConfigError, match="loss.alpha=0.5.*varies"):
+        setting_config(SHAPES, "table1a", setting, ["loss.alpha=0.5"])
+    with pytest.raises(ValueError, match="unknown grid 'table2'"):
+        select_settings("table2")
+    with pytest.raises(ValueError, match="no setting 'alpha0.3'.*alpha0.25"):
+        select_settings("table1a", ["alpha0.3"])
+    assert [s.name for s in select_settings("table1a", ["alpha0.99", "alpha0.10"])] == [
+        "alpha0.10",
+        "alpha0.99",
+    ]
+
+
+def test_grid_skips_finished_settings_and_tabulates_them(
+    tmp_path, tiny_config_overrides, fake_train
+):
+    fake = fake_train()
+    only = ["alpha0.25", "alpha0.75"]
+    statuses = run_ablation(
+        SHAPES, tmp_path, "table1a", tiny_config_overrides, only=only, progress=False
+    )
+    assert statuses == {"alpha0.25": "finished", "alpha0.75": "finished"}
+    assert fake.calls == [("alpha0.25", True), ("alpha0.75", True)]
+
+    # A second call trains nothing more; a third adds one setting, and the table has all three.
+    run_ablation(SHAPES, tmp_path, "table1a", tiny_config_overrides, only=only, progress=False)
+    assert len(fake.calls) == 2
+    run_ablation(
+        SHAPES, tmp_path, "table1a", tiny_config_overrides, only=["alpha0.99"], progress=False
+    )
+    assert [name for name, _ in fake.calls] == ["alpha0.25", "alpha0.75", "alpha0.99"]
+
+    rows = _read_csv(tmp_path / "ablation.csv")
+    assert list(rows[0]) == [
+        "setting",
+        "status",
+        "alpha",
+        "gamma",
+        "AP",
+        "AP50",
+        "AP75",
+        "paper_AP",
+        "paper_AP50",
+        "paper_AP75",
+        "error",
+    ]
+    assert [r["setting"] for r in rows] == ["alpha0.25", "alpha0.75", "alpha0.99"]
+    row = rows[1]
+    assert (float(row["alpha"]), float(row["gamma"])) == (0.75, 0.0)
+    assert (float(row["AP"]), float(row["AP50"]), float(row["AP75"])) == (0.075, 0.15, 0.0)
+    assert float(row["paper_AP"]) == pytest.approx(0.311)
+
+    markdown = (tmp_path / "ablation.md").read_text()
+    # Ours (AP 7.5, AP50 15.0, AP75 0.0) beside the paper's 31.1 / 49.4 / 33.0.
+    assert "| alpha0.75 | finished | 0.75 | 0 | 7.5 | 15.0 | 0.0 | 31.1 | 49.4 | 33.0 |" in markdown
+    assert "| alpha0.99 | finished | 0.99 | 0 | 9.9 | 19.8 | 0.0 | 28.7 | 47.4 | 29.9 |" in markdown
+    assert "alpha0.50" not in markdown
+
+
+def test_failed_setting_is_recorded_and_the_grid_goes_on(
+    tmp_path, tiny_config_overrides, fake_train
+):
+    fake = fake_train(fail={"gamma0"})
+    statuses = run_ablation(
+        SHAPES,
+        tmp_path,
+        "calibration",
+        tiny_config_overrides,
+        only=["gamma0", "gamma1"],
+        progress=False,
+    )
+    assert statuses == {"gamma0": "failed", "gamma1": "finished"}
+    assert setting_status(tmp_path / "gamma0") == "failed"
+    assert "iteration 3" in json.loads((tmp_path / "gamma0" / "failed.json").read_text())["error"]
+    rows = {r["setting"]: r for r in _read_csv(tmp_path / "ablation.csv")}
+    assert rows["gamma0"]["status"] == "failed" and rows["gamma0"]["AP"] == ""
+    assert "paper_AP" not in rows["gamma1"]
+    markdown = (tmp_path / "ablation.md").read_text()
+    assert "- `gamma0`: non-finite loss_cls at iteration 3" in markdown
+
+    # Failed settings are skipped, unless retried; a successful retry clears the failure.
+    run_ablation(
+        SHAPES, tmp_path, "calibration", tiny_config_overrides, only=["gamma0"], progress=False
+    )
+    assert len(fake.calls) == 2
+    fake.fail.clear()
+    statuses = run_ablation(
+        SHAPES,
+        tmp_path,
+        "calibration",
+        tiny_config_overrides,
+        only=["gamma0"],
+        retry_failed=True,
+        progress=False,
+    )
+    assert statuses == {"gamma0": "finished"} and len(fake.calls) == 3
+    assert not (tmp_path / "gamma0" / "failed.json").exists()
+
+
+def test_tool_lists_and_reports_bad_input(tmp_path, capsys):
+    assert ablate.main(["--grid", "modulation", "--list"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "power_gamma2",
+        "exponential_beta1",
+        "exponential_beta2",
+        "exponential_beta5",
+    ]
+    assert ablate.main(["--grid", "table9", "--list"]) == 1
+    assert "unknown grid 'table9'" in capsys.readouterr().err
+    base = ["--config", str(SHAPES), "--output-dir", str(tmp_path), "--grid", "table1b"]
+    assert ablate.main([*base, "--only", "gamma3.0_alpha0.25"]) == 1
+    assert "no setting 'gamma3.0_alpha0.25'" in capsys.readouterr().err
+    assert ablate.main(["--config", str(tmp_path / "missing.yaml"), "--output-dir", "x"]) == 1
+    assert "missing.yaml" in capsys.readouterr().err
+    assert ablate.main(["--grid", "table1b"]) == 1
+    assert "--config and --output-dir are required" in capsys.readouterr().err
+
+
+def test_tool_trains_one_setting_end_to_end(tmp_path, tiny_config_overrides, capsys):
+    args = ["--config", str(SHAPES), "--output-dir", str(tmp_path), "--grid", "calibration"]
+    args += ["--only", "gamma3", "--max-iter", "1", "--device", "cpu", *tiny_config_overrides]
+    assert ablate.main(args) == 0
+    assert "| gamma3 | finished | 3 | 0.25 |" in capsys.readouterr().out
+    assert (tmp_path / "gamma3" / "model_final.pth").is_file()
+    [row] = _read_csv(tmp_path / "ablation.csv")
+    metrics = json.loads((tmp_path / "gamma3" / "eval" / "metrics.json").read_text())
+    assert float(row["AP"]) == metrics["AP"] and float(row["AP50"]) == metrics["AP50"]
+    assert load_config(tmp_path / "gamma3" / "config.yaml").train.max_iter == 1

@@ -1,0 +1,191 @@
+"""The calibration driver and tools/calibrate.py on a tiny model."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retinanet.analysis.calibration import (
+    calibration_metrics,
+    fit_temperature,
+    match_detections_to_gt,
+    scores_to_logits,
+    split_image_ids,
+)
+from retinanet.analysis.calibration_study import (
+    TABLE_COLUMNS,
+    collect_predictions,
+    model_name,
+)
+from retinanet.data import build_test_loader
+from retinanet.data.build import build_dataset, resolve_data_paths
+from retinanet.engine.checkpoint import load_checkpoint, load_trained_model
+from retinanet.engine.evaluation import detections_to_coco_results, evaluate_coco
+from retinanet.engine.inference import run_inference
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+import calibrate  # noqa: E402
+
+CPU = torch.device("cpu")
+KEEP_ALL = ["model.inference.score_threshold=0", "model.inference.max_detections=1000"]
+
+
+def test_model_name_is_the_folder_of_a_final_checkpoint():
+    assert model_name("runs/gamma2/model_final.pth") == "gamma2"
+    assert model_name("runs/gamma2/model_0005000.pth") == "model_0005000"
+    assert model_name("weights/r50_coco.pth") == "r50_coco"
+
+
+def test_candidates_include_the_detections_in_original_pixels(tiny_checkpoint):
+    # Test-time resize 64 -> 96 px, so boxes must be scaled back by 2/3.
+    overrides = ["input.test_min_size=96", "input.test_max_size=96"]
+    model, cfg, _ = load_trained_model(tiny_checkpoint, overrides=overrides)
+    dataset = build_dataset(resolve_data_paths(cfg), "val", training=False)
+    predictions = collect_predictions(model, dataset, CPU, batch_size=4, size_divisibility=32)
+
+    loader = build_test_loader(dataset, batch_size=4, size_divisibility=32)
+    image_ids, reference = run_inference(model, loader, CPU)
+    assert predictions.image_ids == image_ids == dataset.image_ids
+    total = 0
+    for det, ref, cand in zip(
+        predictions.detections, reference, predictions.candidates, strict=True
+    ):
+        for key in ("boxes", "scores", "labels"):
+            assert np.array_equal(det[key], ref[key]), key
+        # Every detection is one of the candidates: same label and score, same box.
+        same = (
+            (det["labels"][:, None] == cand["labels"][None, :])
+            & (det["scores"][:, None] == cand["scores"][None, :])
+            & np.isclose(det["boxes"][:, None, :], cand["boxes"][None, :, :], atol=1e-4).all(-1)
+        )
+        assert same.any(axis=1).all()
+        assert cand["boxes"].max() <= 64 + 1e-4  # original-image pixels
+        total += len(det["scores"])
+    assert total > 0
+
+
+def _engine_detections(model, dataset):
+    loader = build_test_loader(dataset, batch_size=8, size_divisibility=32)
+    return run_inference(model, loader, CPU)
+
+
+def _direct_scores_and_correct(dataset, image_ids, detections, wanted_ids, min_score):
+    """Scores and correctness of the detections of `wanted_ids` scoring >= min_score, matched
+    without the driver: GT from the dataset's cleaned annotations, contiguous labels."""
+    scores, correct = [], []
+    for index, (image_id, det) in enumerate(zip(image_ids, detections, strict=True)):
+        if image_id not in wanted_ids:
+            continue
+        gt = dataset.annotations(index)
+        assert len(gt["crowd_boxes"]) == 0
+        matches = match_detections_to_gt(
+            det["boxes"], det["scores"], det["labels"], gt["boxes"], gt["labels"]
+        )
+        keep = det["scores"] >= min_score
+        scores.append(det["scores"][keep])
+        correct.append(matches.correct[keep])
+    return np.concatenate(scores).astype(np.float64), np.concatenate(correct)
+
+
+def test_tool_reports_calibration_of_each_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    # The tiny model knows nothing, so its detections are right only by chance: its scores are
+    # shrunk towards its prior of 0.01 and every detection is kept (no score threshold, up to
+    # 1000 per image), so that some are.
+    state = load_checkpoint(tiny_checkpoint)
+    state["model"]["head.cls_score.weight"] *= 0.2
+    checkpoints = []
+    for gamma in (2.0, 0.0):
+        state["config"]["loss"]["gamma"] = gamma
+        path = tmp_path / f"gamma{gamma:g}" / "model_final.pth"
+        path.parent.mkdir()
+        torch.save(state, path)
+        checkpoints.append(path)
+
+    out = tmp_path / "calibration"
+    args = ["--weights", *map(str, checkpoints), "--output-dir", str(out), "--device", "cpu"]
+    options = ["--bins", "50", "--seed", "1", "--min-score", "0.02"]
+    assert calibrate.main([*args, *options, *KEEP_ALL]) == 0
+    assert "gamma0" in capsys.readouterr().out
+
+    names = ["gamma2", "gamma0"]
+    with open(out / "calibration.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == TABLE_COLUMNS
+    assert [r["model"] for r in rows] == names
+    assert [float(r["gamma"]) for r in rows] == [2.0, 0.0]
+    markdown = (out / "calibration.md").read_text()
+    assert all(f"| {name} |" in markdown for name in names)
+
+    model, cfg, _ = load_trained_model(checkpoints[0], overrides=KEEP_ALL)
+    dataset = build_dataset(resolve_data_paths(cfg), "val", training=False)
+    fit_ids, eval_ids = split_image_ids(dataset.image_ids, 0.5, seed=1)
+    record = json.loads((out / names[0] / "calibration.json").read_text())
+    assert (record["fit_image_ids"], record["eval_image_ids"]) == (fit_ids, eval_ids)
+    for key in ("before_nms", "after_nms", "temperature", "isotonic"):
+        assert (out / names[0] / f"reliability_{key}.png").stat().st_size > 0
+        result = record["calibration"][key]
+        assert result["num_detections"] > 0, key
+        assert 0 <= result["d_ece"] <= result["mce"] <= 1, key
+        assert 0 <= result["brier"] <= 1, key
+        assert sum(result["counts"]) == result["num_detections"], key
+    # Pre-NMS candidates include every detection that survives NMS.
+    assert (
+        record["calibration"]["before_nms"]["num_detections"]
+        >= record["calibration"]["after_nms"]["num_detections"]
+    )
+
+    image_ids, detections = _engine_detections(model, dataset)
+    direct = calibration_metrics(
+        *_direct_scores_and_correct(dataset, image_ids, detections, eval_ids, 0.02), 50, 0.0
+    )
+    after = record["calibration"]["after_nms"]
+    assert after["num_detections"] == direct.num_detections
+    assert after["counts"] == direct.counts.tolist()
+    assert after["d_ece"] == pytest.approx(direct.d_ece, abs=1e-12)
+    assert after["brier"] == pytest.approx(direct.brier, abs=1e-12)
+
+    # The temperature is fitted on the fit images' detections scoring >= min_score.
+    fit_scores, fit_correct = _direct_scores_and_correct(
+        dataset, image_ids, detections, fit_ids, 0.02
+    )
+    temperature = fit_temperature(scores_to_logits(fit_scores), fit_correct)
+    assert record["temperature"]["T"] == pytest.approx(temperature, rel=1e-9)
+    assert record["temperature"]["error"] is None
+
+    # AP on the evaluation images, and temperature scaling (monotone) leaves it unchanged.
+    results = detections_to_coco_results(image_ids, detections, dataset.category_ids)
+    metrics = evaluate_coco(dataset.coco, results, image_ids=eval_ids)
+    coco = record["coco"]
+    assert coco["after_nms"] == {"AP": metrics.AP, "AP50": metrics.AP50}
+    assert metrics.AP50 > 0
+    assert coco["temperature"] == coco["after_nms"]
+    assert 0 <= coco["isotonic"]["AP"] <= 1
+
+
+def test_tool_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    missing = str(tmp_path / "nope.pth")
+    assert calibrate.main(["--weights", str(tiny_checkpoint), missing, "--output-dir", out]) == 1
+    assert "nope.pth" in capsys.readouterr().err
+
+    copy = tmp_path / tiny_checkpoint.parent.name / "model_final.pth"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    assert calibrate.main(["--weights", str(tiny_checkpoint), str(copy), "--output-dir", out]) == 1
+    err = capsys.readouterr().err
+    assert "would both be named" in err and str(copy) in err
+
+    assert (
+        calibrate.main(["--weights", str(tiny_checkpoint), "train.amp=", "--output-dir", out]) == 1
+    )
+    assert "put key=value overrides before --weights" in capsys.readouterr().err
+
+    args = ["--weights", str(tiny_checkpoint), "--output-dir", out, "--device", "cpu"]
+    assert calibrate.main([*args, "--min-score", "1.5"]) == 1
+    assert "min_score" in capsys.readouterr().err
