@@ -204,3 +204,13 @@ def test_round_trip_through_a_dict_and_yaml():
     assert "base_lr: 0.01" in config_to_yaml(cfg)
     with pytest.raises(ConfigError, match="'train.bogus'"):
         config_from_dict({"train": {"bogus": 1}})
+
+
+def test_exponent_notation_without_a_dot_is_a_float(tmp_path):
+    # PyYAML parses 1e-4 as a string (YAML 1.1 wants 1.0e-4); it must still be accepted.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  weight_decay: 1e-4\n")
+    cfg = load_config(path, ["train.base_lr=2e-3"])
+    assert cfg.train.weight_decay == 1e-4 and cfg.train.base_lr == 2e-3
+    with pytest.raises(ConfigError, match="train.base_lr"):
+        load_config(path, ["train.base_lr=fast"])

@@ -1,4 +1,4 @@
-"""Convert torchvision or Detectron2 RetinaNet weights into a checkpoint of this project.
+r"""Convert torchvision or Detectron2 RetinaNet weights into a checkpoint of this project.
 
     python tools/convert.py --from torchvision retinanet_resnet50_fpn_coco-eeacb38b.pth \
         --output weights/tv_r50.pth

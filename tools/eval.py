@@ -1,4 +1,4 @@
-"""COCO evaluation of a checkpoint on data.val.
+r"""COCO evaluation of a checkpoint on data.val.
 
     python tools/eval.py --config configs/shapes.yaml --weights runs/shapes/model_final.pth
     python tools/eval.py --weights weights/tv_r50.pth --output-dir runs/tv_eval \
@@ -23,12 +23,12 @@ from retinanet.config import ConfigError  # noqa: E402
 from retinanet.data import DatasetError  # noqa: E402
 from retinanet.data.build import build_dataset, resolve_data_paths  # noqa: E402
 from retinanet.engine.checkpoint import load_trained_model  # noqa: E402
-from retinanet.engine.distributed import (
-    barrier,
+from retinanet.engine.distributed import (  # noqa: E402
     init_distributed,
     is_main_process,
+    main_process_first,
     shutdown_distributed,
-)  # noqa: E402
+)
 from retinanet.engine.inference import evaluate_model  # noqa: E402
 from retinanet.engine.trainer import resolve_device  # noqa: E402
 
@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = init_distributed(resolve_device(args.device).type)
         model, cfg, classes = load_trained_model(args.weights, args.config, args.overrides, device)
-        if is_main_process():
-            cfg = resolve_data_paths(cfg)
-        barrier()
-        if not is_main_process():
-            cfg = resolve_data_paths(cfg)
+        cfg = main_process_first(lambda: resolve_data_paths(cfg))
         dataset = build_dataset(cfg, "val", training=False)
         metrics = evaluate_model(
             model,

@@ -1,4 +1,4 @@
-"""Detect objects in an image or a folder of images.
+r"""Detect objects in an image or a folder of images.
 
     python tools/predict.py --config configs/shapes.yaml --weights runs/shapes/model_final.pth \
         --input datasets/shapes/val --output runs/predictions --score-threshold 0.5

@@ -1,4 +1,4 @@
-"""Train a RetinaNet.
+r"""Train a RetinaNet.
 
     python tools/train.py --config configs/shapes.yaml --output-dir runs/shapes
     python tools/train.py --config configs/retinanet_R50_FPN_1x.yaml --output-dir runs/r50 \

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from tqdm import tqdm
 
 from retinanet.analysis.calibration import (
     CalibrationResult,
@@ -63,8 +62,12 @@ from retinanet.engine.checkpoint import (
 )
 from retinanet.engine.evaluation import detections_to_coco_results, evaluate_coco
 from retinanet.engine.files import atomic_open, atomic_write_json, atomic_write_text
-from retinanet.engine.inference import keep_known_categories
-from retinanet.engine.precision import autocast
+from retinanet.engine.inference import (
+    detections_to_numpy,
+    iter_model_outputs,
+    keep_known_categories,
+)
+from retinanet.model.postprocess import scale_to_original
 from retinanet.model.retinanet import RetinaNet
 
 # The score sets of the study, in table order: name -> label in tables and diagram titles.
@@ -124,40 +127,30 @@ def collect_predictions(
         dataset, batch_size=batch_size, num_workers=num_workers, size_divisibility=size_divisibility
     )
     predictions = Predictions([], [], [])
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(loader, desc="inference", disable=not progress, leave=False):
-            batch = batch.to(device)
-            with autocast(amp, device):
-                outputs = model(batch.images, batch.image_sizes)
-            original_sizes = torch.tensor(batch.orig_sizes, device=device)
-            detections = model.detect(outputs, batch.image_sizes, original_sizes)
-            boxes, scores, labels, valid = model.postprocessor.candidates(
-                outputs.cls_logits,
-                outputs.box_deltas,
-                outputs.anchors,
-                outputs.num_anchors_per_level,
-                batch.image_sizes,
-            )
-            # (B, 1, 2) (y, x) factors from resized to original pixels, as in __call__.
-            scale = (original_sizes.float() / batch.image_sizes.float())[:, None, :]
-            boxes = boxes.float() * scale[..., [1, 0, 1, 0]]
-            kept = valid & (scores >= min_candidate_score)
-            for i, image_id in enumerate(batch.image_ids):
-                predictions.image_ids.append(int(image_id))
-                predictions.detections.append(_to_numpy(detections[i]))
-                predictions.candidates.append(
-                    _to_numpy(
-                        {
-                            "boxes": boxes[i, kept[i]],
-                            "scores": scores[i, kept[i]],
-                            "labels": labels[i, kept[i]],
-                        }
-                    )
+    for batch, outputs in iter_model_outputs(model, loader, device, amp, progress):
+        original_sizes = torch.tensor(batch.orig_sizes, device=device)
+        detections = model.detect(outputs, batch.image_sizes, original_sizes)
+        boxes, scores, labels, valid = model.postprocessor.candidates(
+            outputs.cls_logits,
+            outputs.box_deltas,
+            outputs.anchors,
+            outputs.num_anchors_per_level,
+            batch.image_sizes,
+        )
+        boxes = scale_to_original(boxes, batch.image_sizes, original_sizes)
+        kept = valid & (scores >= min_candidate_score)
+        for i, image_id in enumerate(batch.image_ids):
+            predictions.image_ids.append(int(image_id))
+            predictions.detections.append(detections_to_numpy(detections[i]))
+            predictions.candidates.append(
+                detections_to_numpy(
+                    {
+                        "boxes": boxes[i, kept[i]],
+                        "scores": scores[i, kept[i]],
+                        "labels": labels[i, kept[i]],
+                    }
                 )
-    finally:
-        model.train(was_training)
+            )
     return predictions
 
 
@@ -569,14 +562,6 @@ def _table_row(record: Mapping[str, Any]) -> dict[str, Any]:
         row[f"ap{suffix}"] = record["coco"][key]["AP"]
         row[f"ap50{suffix}"] = record["coco"][key]["AP50"]
     return row
-
-
-def _to_numpy(detection: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {
-        "boxes": detection["boxes"].float().cpu().numpy(),
-        "scores": detection["scores"].float().cpu().numpy(),
-        "labels": detection["labels"].cpu().numpy().astype(np.int64),
-    }
 
 
 def _concat(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from retinanet.analysis.loss_distribution import (
     KINDS,
@@ -35,7 +34,7 @@ from retinanet.data import CocoDetection, build_test_loader
 from retinanet.data.build import build_dataset, resolve_data_paths
 from retinanet.engine.checkpoint import load_trained_model
 from retinanet.engine.files import atomic_write_json
-from retinanet.engine.precision import autocast
+from retinanet.engine.inference import iter_model_outputs
 from retinanet.model.matcher import BACKGROUND, IGNORE
 from retinanet.model.retinanet import RetinaNet
 
@@ -119,33 +118,27 @@ def collect_loss_distribution(
     )
     image_ids: list[int] = []
     totals = torch.zeros(4, dtype=torch.int64)  # foreground, background, ignored, padding
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(loader, desc="loss distribution", disable=not progress, leave=False):
-            batch = batch.to(device)
-            with autocast(amp, device):
-                outputs = model(batch.images, batch.image_sizes)
-            _, anchor_classes, _ = model.criterion.match(outputs.anchors, batch.targets)
-            padding = (anchor_classes == BACKGROUND) & anchors_in_padding(
-                outputs.anchors, batch.image_sizes
-            )
-            anchor_classes = anchor_classes.masked_fill(padding, IGNORE)
-            totals += torch.stack(
-                [
-                    (anchor_classes >= 0).sum(),
-                    (anchor_classes == BACKGROUND).sum(),
-                    (anchor_classes == IGNORE).sum() - padding.sum(),
-                    padding.sum(),
-                ]
-            ).cpu()
-            # One image at a time: the per-sample loss tensors of a whole batch of COCO images
-            # would take gigabytes.
-            for logits, labels in zip(outputs.cls_logits, anchor_classes, strict=True):
-                distribution.update(logits, labels)
-            image_ids.extend(batch.image_ids)
-    finally:
-        model.train(was_training)
+    for batch, outputs in iter_model_outputs(
+        model, loader, device, amp, progress, "loss distribution"
+    ):
+        _, anchor_classes, _ = model.criterion.match(outputs.anchors, batch.targets)
+        padding = (anchor_classes == BACKGROUND) & anchors_in_padding(
+            outputs.anchors, batch.image_sizes
+        )
+        anchor_classes = anchor_classes.masked_fill(padding, IGNORE)
+        totals += torch.stack(
+            [
+                (anchor_classes >= 0).sum(),
+                (anchor_classes == BACKGROUND).sum(),
+                (anchor_classes == IGNORE).sum() - padding.sum(),
+                padding.sum(),
+            ]
+        ).cpu()
+        # One image at a time: the per-sample loss tensors of a whole batch of COCO images
+        # would take gigabytes.
+        for logits, labels in zip(outputs.cls_logits, anchor_classes, strict=True):
+            distribution.update(logits, labels)
+        image_ids.extend(batch.image_ids)
     return LossStudy(distribution, image_ids, AnchorCounts(*totals.tolist()))
 
 

@@ -106,11 +106,18 @@ def detector_like_logits(
     return logits + boost
 
 
-def _models(num_classes: int, device: torch.device) -> tuple[RetinaNet, torch.nn.Module]:
+def _setup(
+    num_classes: int, height: int, width: int, device: torch.device
+) -> tuple[RetinaNet, torch.nn.Module, torch.Tensor, list[int]]:
+    """Our model, torchvision's (random weights, eval mode) and our anchors for an image of
+    (height, width), with the number of anchors per level."""
     cfg = load_config(None, ["model.backbone.weights=", "input.size_divisibility=32"])
     ours = build_model(cfg, num_classes).to(device).eval()
     reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
-    return ours, reference.to(device).eval()
+    feature_sizes = [(math.ceil(height / s), math.ceil(width / s)) for s in (8, 16, 32, 64, 128)]
+    anchors = ours.anchor_generator((height, width), feature_sizes, device)
+    per_level = ours.anchor_generator.num_anchors_per_level(feature_sizes)
+    return ours, reference.to(device).eval(), anchors, per_level
 
 
 def benchmark_loss(
@@ -125,9 +132,7 @@ def benchmark_loss(
 ) -> Comparison:
     """Loss forward + backward from head outputs: matching, targets, focal and box losses."""
     g = torch.Generator().manual_seed(seed)
-    ours, reference = _models(num_classes, device)
-    feature_sizes = [(math.ceil(height / s), math.ceil(width / s)) for s in (8, 16, 32, 64, 128)]
-    anchors = ours.anchor_generator((height, width), feature_sizes, device)
+    ours, reference, anchors, _ = _setup(num_classes, height, width, device)
     num_anchors = anchors.shape[0]
     cls_logits = (torch.randn(batch, num_anchors, num_classes, generator=g) - 4.0).to(device)
     box_deltas = (0.1 * torch.randn(batch, num_anchors, 4, generator=g)).to(device)
@@ -171,10 +176,7 @@ def benchmark_postprocess(
 ) -> Comparison:
     """Inference postprocessing from head outputs (thresholds, top-k, decode, NMS)."""
     g = torch.Generator().manual_seed(seed)
-    ours, reference = _models(num_classes, device)
-    feature_sizes = [(math.ceil(height / s), math.ceil(width / s)) for s in (8, 16, 32, 64, 128)]
-    anchors = ours.anchor_generator((height, width), feature_sizes, device)
-    per_level = ours.anchor_generator.num_anchors_per_level(feature_sizes)
+    ours, reference, anchors, per_level = _setup(num_classes, height, width, device)
     cls_logits = detector_like_logits(batch, anchors.shape[0], num_classes, g).to(device)
     box_deltas = (0.2 * torch.randn(batch, anchors.shape[0], 4, generator=g)).to(device)
     sizes = torch.tensor([[height, width]] * batch, device=device)
@@ -208,7 +210,7 @@ def benchmark_train_step(
 ) -> Comparison:
     """Whole-model forward + loss + backward of ResNet-50-FPN RetinaNet, ours vs torchvision."""
     g = torch.Generator().manual_seed(seed)
-    ours, reference = _models(80, device)
+    ours, reference, _, _ = _setup(80, height, width, device)
     ours.train()
     reference.train()
     images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8).to(

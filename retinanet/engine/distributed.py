@@ -5,11 +5,14 @@ torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing here is n
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def launched_by_torchrun() -> bool:
@@ -52,6 +55,17 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def main_process_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the other processes: the first call generates or downloads
+    (a dataset, weights), the later ones find it done."""
+    if is_main_process():
+        result = fn()
+    barrier()
+    if not is_main_process():
+        result = fn()
+    return result
 
 
 def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:

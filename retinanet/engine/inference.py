@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import CocoDetection, build_test_loader
-from ..model.retinanet import RetinaNet
+from ..data import Batch, CocoDetection, build_test_loader
+from ..model.retinanet import HeadOutputs, RetinaNet
 from .checkpoint import ClassInfo
 from .distributed import (
     broadcast_from_main,
@@ -30,6 +31,28 @@ from .evaluation import (
 from .precision import autocast
 
 
+def iter_model_outputs(
+    model: RetinaNet,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp: str = "",
+    progress: bool = False,
+    desc: str = "inference",
+) -> Iterator[tuple[Batch, HeadOutputs]]:
+    """Each batch of `loader` (moved to `device`) with the model's head outputs, computed in eval
+    mode without gradients; the model's training mode is restored when the loop ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            batch = batch.to(device, non_blocking=True)
+            with torch.no_grad(), autocast(amp, device):
+                outputs = model(batch.images, batch.image_sizes)
+            yield batch, outputs
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def run_inference(
     model: RetinaNet,
@@ -40,30 +63,23 @@ def run_inference(
 ) -> tuple[list[int], list[dict[str, np.ndarray]]]:
     """Detections of every image the loader yields: (image_ids, detections), detections as
     numpy arrays (`boxes` (N, 4) float32 xyxy original pixels, `scores` (N,), `labels` (N,))."""
-    was_training = model.training
-    model.eval()
     image_ids, detections = [], []
-    try:
-        for batch in tqdm(loader, desc="inference", disable=not progress, leave=False):
-            batch = batch.to(device, non_blocking=True)
-            with autocast(amp, device):
-                outputs = model(batch.images, batch.image_sizes)
-            original_sizes = torch.tensor(batch.orig_sizes, device=device)
-            for image_id, det in zip(
-                batch.image_ids,
-                model.detect(outputs, batch.image_sizes, original_sizes),
-                strict=True,
-            ):
-                image_ids.append(int(image_id))
-                detections.append(
-                    {
-                        k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy()
-                        for k, v in det.items()
-                    }
-                )
-    finally:
-        model.train(was_training)
+    for batch, outputs in iter_model_outputs(model, loader, device, amp, progress):
+        original_sizes = torch.tensor(batch.orig_sizes, device=device)
+        for image_id, det in zip(
+            batch.image_ids, model.detect(outputs, batch.image_sizes, original_sizes), strict=True
+        ):
+            image_ids.append(int(image_id))
+            detections.append(detections_to_numpy(det))
     return image_ids, detections
+
+
+def detections_to_numpy(detection: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """boxes and scores as float32 arrays, labels as int64, on the CPU."""
+    return {
+        k: v.cpu().numpy() if k == "labels" else v.float().cpu().numpy()
+        for k, v in detection.items()
+    }
 
 
 def keep_known_categories(

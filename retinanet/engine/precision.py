@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_amp(amp: str, device: torch.device) -> None:
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: without them bf16 convolutions are emulated and slower than fp32."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs and CPUs that compute bf16 natively, fp16 on older GPUs, fp32 ('')
+    on other CPUs; other values are returned checked."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and _cpu_has_native_bf16() else ""
     if amp and amp not in _DTYPES:
-        raise ValueError(f"train.amp must be '', 'bf16' or 'fp16', got {amp!r}")
+        raise ValueError(f"train.amp must be '', 'auto', 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or '' on CPU")
+        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16, auto or '' on CPU")
+    return amp
 
 
 def autocast(amp: str, device: torch.device):
     """Autocast to the chosen dtype (no-op for amp == ''). The focal loss computes in fp32
     regardless, so only the network runs in reduced precision."""
+    amp = resolve_amp(amp, device)
     if not amp:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[amp])
@@ -26,6 +43,6 @@ def autocast(amp: str, device: torch.device):
 
 def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
-    if amp == "fp16":
+    if resolve_amp(amp, device) == "fp16":
         return torch.amp.GradScaler(device.type)
     return None

@@ -35,13 +35,14 @@ from .distributed import (
     get_world_size,
     init_distributed,
     is_main_process,
+    main_process_first,
     reduce_mean,
 )
 from .evaluation import CocoMetrics
 from .files import atomic_write_text
 from .inference import evaluate_model
 from .optim import build_lr_scheduler, build_optimizer
-from .precision import autocast, check_amp, grad_scaler
+from .precision import autocast, grad_scaler, resolve_amp
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -154,7 +155,7 @@ def train(
     """
     output_dir = Path(output_dir)
     torch_device = init_distributed(resolve_device(device).type)
-    check_amp(cfg.train.amp, torch_device)
+    resolve_amp(cfg.train.amp, torch_device)  # fails early on an impossible choice
     world_size, rank = get_world_size(), get_rank()
     if cfg.train.batch_size % world_size:
         raise ValueError(
@@ -163,10 +164,7 @@ def train(
         )
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
-        cfg = resolve_data_paths(cfg)
-    barrier()
-    if not is_main_process():
-        cfg = resolve_data_paths(cfg)  # already generated: only fills in the paths
+    cfg = main_process_first(lambda: resolve_data_paths(cfg))
 
     train_set = build_dataset(cfg, "train", training=True)
     classes = ClassInfo(train_set.class_names, train_set.category_ids)

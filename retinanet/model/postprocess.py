@@ -18,6 +18,13 @@ from torchvision.ops import batched_nms
 from .box_coding import BoxCoder
 
 
+def scale_to_original(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Tensor:
+    """boxes (B, N, 4) xyxy in resized-image pixels -> original-image pixels; image_sizes and
+    original_sizes are (B, 2) (H, W). The factors are computed in fp32 as torchvision does."""
+    scale = original_sizes.to(torch.float32) / image_sizes.to(torch.float32)  # (B, 2) (y, x)
+    return boxes.float() * scale[:, None, [1, 0, 1, 0]].to(boxes.device)
+
+
 class DetectionPostprocessor:
     """Args:
     score_threshold: minimum class probability of a candidate (0.05).
@@ -109,7 +116,6 @@ class DetectionPostprocessor:
         boxes, scores, labels, valid = self.candidates(
             cls_logits, box_deltas, anchors, num_anchors_per_level, image_sizes
         )
-        scale = (original_sizes.to(torch.float32) / image_sizes.to(torch.float32)).to(boxes.device)
         detections = []
         for i in range(boxes.shape[0]):  # NMS is per image; candidates are already few
             keep = torch.nonzero(valid[i]).squeeze(1)
@@ -118,20 +124,14 @@ class DetectionPostprocessor:
                 scores[i, keep],
                 labels[i, keep],
             )
+            # NMS in resized-image pixels, then scaling (as torchvision): IoU is not invariant
+            # to the slightly different x and y scale factors of rounded image sizes.
             keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_threshold)
             keep = keep[: self.max_detections]
-            scale_y, scale_x = scale[i, 0], scale[i, 1]
-            kept = image_boxes[keep]
-            kept = torch.stack(
-                (
-                    kept[:, 0] * scale_x,
-                    kept[:, 1] * scale_y,
-                    kept[:, 2] * scale_x,
-                    kept[:, 3] * scale_y,
-                ),
-                dim=1,
+            kept = scale_to_original(
+                image_boxes[keep][None], image_sizes[i : i + 1], original_sizes[i : i + 1]
             )
             detections.append(
-                {"boxes": kept, "scores": image_scores[keep], "labels": image_labels[keep]}
+                {"boxes": kept[0], "scores": image_scores[keep], "labels": image_labels[keep]}
             )
         return detections
