@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     comparisons = [
         benchmark_loss(device, repeats=args.repeats),
-        benchmark_postprocess(device, repeats=args.repeats),
+        benchmark_postprocess(device, "trained", repeats=args.repeats),
+        benchmark_postprocess(device, "untrained", repeats=args.repeats),
     ]
     if args.train_step:
         comparisons.append(benchmark_train_step(device, repeats=max(2, args.repeats // 2)))

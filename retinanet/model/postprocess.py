@@ -18,6 +18,61 @@ from torchvision.ops import batched_nms
 from .box_coding import BoxCoder
 
 
+def top_above_threshold(logits: Tensor, threshold: float, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k largest (anchor, class) logits above `threshold` of each image.
+
+    logits: (B, A, K). Returns values (B, n), flat indices a * K + c (B, n) and valid (B, n),
+    n <= k, with invalid padding where an image has fewer; not sorted.
+
+    A trained detector leaves a few thousand of the ~10^7 (anchor, class) pairs of a level above
+    0.05, almost all on anchors where some class scores high. So one pass takes each anchor's
+    best class and only the anchors passing the threshold are examined class by class; if many
+    anchors pass, the pairs above the threshold are found in one pass over all of them; if most
+    pairs pass (an untrained model), a top-k over all pairs is the cheaper way. All three
+    select the same set; only the survivors are ranked."""
+    batch, num_anchors, num_classes = logits.shape
+    flat = logits.reshape(batch, -1)
+    k = min(k, flat.shape[1])
+    if not math.isfinite(threshold):
+        values, columns = flat.topk(k, dim=1)
+        return values, columns, values > threshold
+    hot = logits.amax(dim=-1) > threshold
+    if int(torch.count_nonzero(hot)) <= batch * num_anchors // 8:
+        images, anchors = torch.nonzero(hot, as_tuple=True)  # grouped by image
+        rows = logits[images, anchors]  # (hot anchors, K)
+        hot_row, classes = torch.nonzero(rows > threshold, as_tuple=True)
+        images, columns = images[hot_row], anchors[hot_row] * num_classes + classes
+        values = rows[hot_row, classes]
+    else:
+        above = flat > threshold
+        if int(torch.count_nonzero(above)) > flat.numel() // 8:
+            values, columns = flat.topk(k, dim=1)
+            return values, columns, values > threshold
+        images, columns = torch.nonzero(above, as_tuple=True)  # grouped by image
+        values = flat[images, columns]
+    return _top_k_per_image(images, columns, values, batch, k)
+
+
+def _top_k_per_image(
+    images: Tensor, columns: Tensor, values: Tensor, batch: int, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Survivors given as (image, column, value) triplets grouped by image -> the k largest of
+    each image, padded into (B, n) tensors (see top_above_threshold)."""
+    counts = torch.bincount(images, minlength=batch)
+    position = (
+        torch.arange(len(images), device=values.device) - (torch.cumsum(counts, 0) - counts)[images]
+    )
+    most = int(counts.max()) if len(images) else 0
+    dense_values = values.new_full((batch, most), -math.inf)
+    dense_values[images, position] = values
+    dense_columns = torch.zeros((batch, most), dtype=torch.int64, device=values.device)
+    dense_columns[images, position] = columns
+    if most > k:
+        dense_values, chosen = dense_values.topk(k, dim=1)
+        dense_columns = dense_columns.gather(1, chosen)
+    return dense_values, dense_columns, dense_values > -math.inf
+
+
 def scale_to_original(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Tensor:
     """boxes (B, N, 4) xyxy in resized-image pixels -> original-image pixels; image_sizes and
     original_sizes are (B, 2) (H, W). The factors are computed in fp32 as torchvision does."""
@@ -74,9 +129,9 @@ class DetectionPostprocessor:
         boxes, scores, labels, valid = [], [], [], []
         start = 0
         for count in num_anchors_per_level:
-            logits = cls_logits[:, start : start + count].reshape(batch, -1)
-            k = min(self.topk_candidates, logits.shape[1])
-            top_logits, top_idx = logits.topk(k, dim=1)  # (B, k), sorted
+            top_logits, top_idx, top_valid = top_above_threshold(
+                cls_logits[:, start : start + count], logit_threshold, self.topk_candidates
+            )
             anchor_idx = top_idx // num_classes
             deltas = box_deltas[:, start : start + count].gather(
                 1, anchor_idx[..., None].expand(-1, -1, 4)
@@ -85,7 +140,7 @@ class DetectionPostprocessor:
             boxes.append(level_boxes)
             scores.append(torch.sigmoid(top_logits.float()))
             labels.append(top_idx % num_classes)
-            valid.append(top_logits > logit_threshold)
+            valid.append(top_valid)
             start += count
         boxes = torch.cat(boxes, dim=1)
         heights = image_sizes[:, 0, None].to(boxes.dtype)

@@ -143,3 +143,42 @@ def test_no_candidates_gives_empty_detections():
 def test_invalid_score_threshold():
     with pytest.raises(ValueError, match="score_threshold"):
         DetectionPostprocessor(BoxCoder(), score_threshold=1.0)
+
+
+@pytest.mark.parametrize(
+    "regime",
+    [
+        "few_hot_anchors",
+        "many_hot_anchors_few_pairs",
+        "most_pairs_pass",
+        "no_threshold",
+        "nothing_passes",
+    ],
+)
+@pytest.mark.parametrize("k", [5, 1000])
+def test_top_above_threshold_selects_the_k_best_pairs_in_every_regime(regime, k):
+    from retinanet.model.postprocess import top_above_threshold
+
+    g = torch.Generator().manual_seed(0)
+    batch, anchors, classes = 3, 400, 20
+    threshold = -2.0
+    if regime == "few_hot_anchors":
+        logits = -8.0 + torch.randn(batch, anchors, classes, generator=g)
+        logits[:, ::37, 3] = 1.0 + torch.rand(batch, len(range(0, anchors, 37)), generator=g)
+    elif regime == "many_hot_anchors_few_pairs":
+        # each anchor is hot on about one class in twenty: > 1/8 of anchors, < 1/8 of pairs
+        logits = -4.0 + torch.randn(batch, anchors, classes, generator=g)
+        logits[torch.rand(batch, anchors, classes, generator=g) < 0.05] += 6.0
+    elif regime in ("most_pairs_pass", "no_threshold"):
+        logits = torch.randn(batch, anchors, classes, generator=g)
+        threshold = -math.inf if regime == "no_threshold" else -2.0
+    else:
+        logits = -9.0 + torch.rand(batch, anchors, classes, generator=g)
+    values, columns, valid = top_above_threshold(logits, threshold, k)
+    flat = logits.reshape(batch, -1)
+    for i in range(batch):
+        above = flat[i][flat[i] > threshold]
+        expected = above.sort(descending=True).values[:k]
+        got = values[i][valid[i]].sort(descending=True).values
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(flat[i, columns[i][valid[i]]], values[i][valid[i]])
