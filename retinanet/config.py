@@ -197,6 +197,8 @@ class TrainConfig:
     seed: int = 0
     log_period: int = 20
     checkpoint_period: int = 5000
+    # periodic checkpoints kept (newest first); 0 keeps all
+    keep_checkpoints: int = 0
     # 0: evaluate only at the end
     eval_period: int = 0
     # stop | skip: what a non-finite loss does
@@ -413,9 +415,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from `config_to_dict` output (e.g. the copy stored in a checkpoint)."""
-    cfg = _build(Config, _tag_source(data, "checkpoint"))
+def config_from_dict(
+    data: dict, source: str = "checkpoint", overrides: list[str] | None = None
+) -> Config:
+    """Rebuild a Config from `config_to_dict` output (e.g. the copy stored in a checkpoint,
+    named by `source` in error messages), with overrides applied."""
+    cfg = _build(Config, apply_overrides(_tag_source(data, source), list(overrides or [])))
     validate(cfg)
     return cfg
 
@@ -445,17 +450,34 @@ _CHOICES = {
 }
 
 
-def _get(cfg: Config, dotted: str) -> Any:
+def config_value(cfg: Config, dotted: str) -> Any:
+    """The value of a dotted key, e.g. config_value(cfg, "loss.gamma")."""
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
 
 
+def config_differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+
+    def walk(x: dict, y: dict, prefix: str) -> list[str]:
+        keys = []
+        for key in sorted(set(x) | set(y)):
+            u, v = x.get(key), y.get(key)
+            if isinstance(u, dict) and isinstance(v, dict):
+                keys += walk(u, v, f"{prefix}{key}.")
+            elif u != v:
+                keys.append(f"{prefix}{key}")
+        return keys
+
+    return walk(config_to_dict(a), config_to_dict(b), "")
+
+
 def validate(cfg: Config) -> None:
     """Checks that go beyond types: choices, ranges and consistency between keys."""
     for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
+        value = config_value(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
     checks = [
@@ -486,8 +508,34 @@ def validate(cfg: Config) -> None:
         ("train.base_lr", cfg.train.base_lr > 0, "positive"),
         ("train.adam_betas", len(cfg.train.adam_betas) == 2, "2 numbers"),
         ("train.log_period", cfg.train.log_period > 0, "positive"),
+        ("train.checkpoint_period", cfg.train.checkpoint_period > 0, "positive"),
+        ("train.reference_batch_size", cfg.train.reference_batch_size > 0, "positive"),
+        ("train.warmup_iters", cfg.train.warmup_iters >= 0, ">= 0"),
+        ("train.warmup_factor", 0 < cfg.train.warmup_factor <= 1, "in (0, 1]"),
+        ("train.lr_steps", list(cfg.train.lr_steps) == sorted(cfg.train.lr_steps), "ascending"),
+        ("train.eval_period", cfg.train.eval_period >= 0, ">= 0 (0: only at the end)"),
+        ("train.clip_grad_norm", cfg.train.clip_grad_norm >= 0, ">= 0 (0: off)"),
+        ("eval.batch_size", cfg.eval.batch_size > 0, "positive"),
+        (
+            "model.inference.score_threshold",
+            0 <= cfg.model.inference.score_threshold < 1,
+            "in [0, 1)",
+        ),
+        ("model.inference.nms_threshold", 0 < cfg.model.inference.nms_threshold <= 1, "in (0, 1]"),
+        ("model.inference.topk_candidates", cfg.model.inference.topk_candidates > 0, "positive"),
+        ("model.inference.max_detections", cfg.model.inference.max_detections > 0, "positive"),
+        ("model.head.prior_probability", 0 < cfg.model.head.prior_probability < 1, "in (0, 1)"),
+        ("model.head.num_convs", cfg.model.head.num_convs >= 0, ">= 0"),
+        ("model.backbone.freeze_at", 0 <= cfg.model.backbone.freeze_at <= 5, "in [0, 5]"),
+        (
+            "model.matcher.bg_iou_threshold",
+            0 <= cfg.model.matcher.bg_iou_threshold <= cfg.model.matcher.fg_iou_threshold <= 1,
+            "<= model.matcher.fg_iou_threshold, both in [0, 1]",
+        ),
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
     ]
     for key, ok, expected in checks:
         if not ok:
-            raise ConfigError(f"config key '{key}' must be {expected}, got {_get(cfg, key)!r}")
+            raise ConfigError(
+                f"config key '{key}' must be {expected}, got {config_value(cfg, key)!r}"
+            )

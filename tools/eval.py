@@ -30,7 +30,6 @@ from retinanet.engine.distributed import (  # noqa: E402
     shutdown_distributed,
 )
 from retinanet.engine.inference import evaluate_model  # noqa: E402
-from retinanet.engine.trainer import resolve_device  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output_dir) if args.output_dir else Path(args.weights).resolve().parent / "eval"
     )
     try:
-        device = init_distributed(resolve_device(args.device).type)
+        device = init_distributed(args.device)
         model, cfg, classes = load_trained_model(args.weights, args.config, args.overrides, device)
         cfg = main_process_first(lambda: resolve_data_paths(cfg))
         dataset = build_dataset(cfg, "val", training=False)
@@ -64,15 +63,15 @@ def main(argv: list[str] | None = None) -> int:
             amp=cfg.train.amp,
             progress=True,
         )
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
         shutdown_distributed()
-    if is_main_process():
+        return 1
+    if is_main_process():  # read before the process group is gone
         print(
             f"AP {metrics.AP:.4f}  AP50 {metrics.AP50:.4f}  AP75 {metrics.AP75:.4f} -> {output_dir}"
         )
+    shutdown_distributed()
     return 0
 
 

@@ -20,8 +20,8 @@ from retinanet.config import ConfigError  # noqa: E402
 from retinanet.data import DatasetError  # noqa: E402
 from retinanet.data.build import build_transform  # noqa: E402
 from retinanet.engine.checkpoint import load_trained_model  # noqa: E402
+from retinanet.engine.distributed import resolve_device  # noqa: E402
 from retinanet.engine.predict import list_images, predict_files  # noqa: E402
-from retinanet.engine.trainer import resolve_device  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             score_threshold=args.score_threshold,
             batch_size=args.batch_size,
-            amp=cfg.train.amp if device.type == "cuda" else "",
+            amp=cfg.train.amp,
         )
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

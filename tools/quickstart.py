@@ -27,9 +27,10 @@ from retinanet.config import ConfigError, load_config  # noqa: E402
 from retinanet.data import DatasetError  # noqa: E402
 from retinanet.data.build import build_transform  # noqa: E402
 from retinanet.engine.checkpoint import load_trained_model  # noqa: E402
+from retinanet.engine.distributed import resolve_device  # noqa: E402
 from retinanet.engine.files import atomic_write_json  # noqa: E402
 from retinanet.engine.predict import list_images, predict_files  # noqa: E402
-from retinanet.engine.trainer import resolve_device, train  # noqa: E402
+from retinanet.engine.trainer import train  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
 

@@ -61,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             stop_at_iteration=args.stop_at,
             evaluate=not args.no_eval,
         )
-    except (ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        DatasetError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        ValueError,
+        RuntimeError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

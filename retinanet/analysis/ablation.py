@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retinanet.config import Config, ConfigError, config_to_dict, load_config, parse_override
+from retinanet.config import (
+    Config,
+    ConfigError,
+    config_differences,
+    config_value,
+    load_config,
+    parse_override,
+)
 from retinanet.data.build import resolve_data_paths
 from retinanet.engine.distributed import is_main_process
 from retinanet.engine.evaluation import METRICS_FILENAME
@@ -340,7 +347,7 @@ def ablation_rows(output_dir: str | os.PathLike, grid: str) -> list[dict[str, An
             raise ValueError(f"setting {setting.name}: {error}") from error
         row: dict[str, Any] = {"setting": setting.name, "status": status}
         for header, key in spec.columns:
-            row[header] = _config_value(cfg, key)
+            row[header] = config_value(cfg, key)
         metrics = _read_final_metrics(setting_dir) if status == "finished" else {}
         for name in ("AP", "AP50", "AP75"):
             row[name] = metrics.get(name)
@@ -409,25 +416,13 @@ def _warn_if_config_changed(setting_dir: Path, cfg: Config, name: str, status: s
     config_file = setting_dir / CONFIG_FILENAME
     if not config_file.is_file():
         return
-    stored = config_to_dict(load_config(config_file))
-    changed = _changed_keys(stored, config_to_dict(cfg))
+    changed = config_differences(load_config(config_file), cfg)
     if changed:
         print(
             f"warning: {name} is {status} with a config that differs from this run's in "
             f"{', '.join(changed)}; its result is kept (delete {setting_dir} to rerun it)",
             file=sys.stderr,
         )
-
-
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def _read_final_metrics(setting_dir: Path) -> dict[str, float | None]:
@@ -448,13 +443,6 @@ def _read_failure(setting_dir: Path) -> str:
         return str(json.loads(path.read_text(encoding="utf-8"))["error"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a failure record ({error})") from error
-
-
-def _config_value(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def _format_value(value: Any) -> str:

@@ -61,7 +61,7 @@ from retinanet.engine.checkpoint import (
     load_trained_model,
 )
 from retinanet.engine.evaluation import detections_to_coco_results, evaluate_coco
-from retinanet.engine.files import atomic_open, atomic_write_json, atomic_write_text
+from retinanet.engine.files import atomic_open, atomic_write_json, atomic_write_text, json_safe
 from retinanet.engine.inference import (
     detections_to_numpy,
     iter_model_outputs,
@@ -129,14 +129,15 @@ def collect_predictions(
     predictions = Predictions([], [], [])
     for batch, outputs in iter_model_outputs(model, loader, device, amp, progress):
         original_sizes = torch.tensor(batch.orig_sizes, device=device)
-        detections = model.detect(outputs, batch.image_sizes, original_sizes)
-        boxes, scores, labels, valid = model.postprocessor.candidates(
+        candidates = model.postprocessor.candidates(
             outputs.cls_logits,
             outputs.box_deltas,
             outputs.anchors,
             outputs.num_anchors_per_level,
             batch.image_sizes,
         )
+        detections = model.postprocessor.select(*candidates, batch.image_sizes, original_sizes)
+        boxes, scores, labels, valid = candidates
         boxes = scale_to_original(boxes, batch.image_sizes, original_sizes)
         kept = valid & (scores >= min_candidate_score)
         for i, image_id in enumerate(batch.image_ids):
@@ -331,7 +332,7 @@ def calibrate_model(
         },
         "coco": coco_ap,
     }
-    record = _nan_to_none(record)
+    record = json_safe(record)
     atomic_write_json(output_dir / CALIBRATION_FILENAME, record)
     return record
 
@@ -566,17 +567,6 @@ def _table_row(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _concat(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays] or [np.zeros(0, dtype)])
-
-
-def _nan_to_none(value: Any) -> Any:
-    """JSON has no NaN: replace it (and infinities) by None, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value
 
 
 def _fixed(value: float | None, digits: int) -> str:

@@ -5,6 +5,7 @@ names the file, image id or annotation id at fault, never deep inside a DataLoad
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -118,10 +119,16 @@ class CocoDetection(torch.utils.data.Dataset):
         self._paths = [str(self.image_dir / f) for f in file_names]
         self._check_files_exist()
 
-        self.coco = COCO()
-        self.coco.dataset = data
+    @functools.cached_property
+    def coco(self) -> COCO:
+        """pycocotools index of the annotation file, as stored (for evaluation). Built on first
+        use: training never needs it, and DataLoader workers forked from a dataset holding the
+        whole annotation file as Python objects would each end up copying it."""
+        coco = COCO()
+        coco.dataset = _load_json(self.annotation_file)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco.createIndex()
+            coco.createIndex()
+        return coco
 
     @property
     def num_classes(self) -> int:

@@ -187,7 +187,7 @@ def render_shapes_image(
 def ensure_shapes_dataset(
     root: str | os.PathLike,
     num_train: int = 2000,
-    num_val: int = 200,
+    num_val: int = 300,
     image_size: int | tuple[int, int] = 192,
     seed: int = 0,
     max_objects: int = 10,

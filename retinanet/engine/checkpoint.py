@@ -136,6 +136,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_config(state: dict[str, Any]) -> Config:
+    """The config stored in a checkpoint."""
     return config_from_dict(state["config"])
 
 
@@ -165,20 +166,14 @@ def load_trained_model(
     """A model ready for inference from a checkpoint: its architecture from `config_path` (plus
     overrides) when given, else from the config stored in the checkpoint; its classes always from
     the checkpoint. Returns (model in eval mode on `device`, config, classes)."""
-    from ..config import config_from_dict, load_config
+    from ..config import load_config
     from ..model.build import build_model
 
     state = load_checkpoint(weights)
     if config_path is not None:
         cfg = load_config(config_path, overrides)
     else:
-        from ..config import apply_overrides, config_to_dict
-
-        cfg = config_from_dict(
-            apply_overrides(
-                config_to_dict(config_from_dict(state["config"])), list(overrides or [])
-            )
-        )
+        cfg = config_from_dict(state["config"], f"the config stored in {weights}", overrides)
     classes = checkpoint_classes(state)
     model = build_model(cfg, classes.num_classes, load_backbone_weights=False)
     load_model_weights(model, state, weights)

@@ -19,18 +19,28 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device_type: str) -> torch.device:
-    """Join the process group when started by torchrun (NCCL on CUDA, gloo on CPU) and return
-    this process's device. A plain `python tools/train.py` stays single-process."""
-    if device_type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(device_type)
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; otherwise the named device, checked."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} requested but CUDA is not available")
+    return resolved
+
+
+def init_distributed(device: str | torch.device = "auto") -> torch.device:
+    """This process's device, joining the process group when started by torchrun (NCCL on CUDA,
+    gloo on CPU). Under torchrun each process takes the GPU of its LOCAL_RANK; a plain
+    `python tools/train.py` stays single-process on `device` (e.g. cuda:1)."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        if launched_by_torchrun():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if launched_by_torchrun() and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
     return device
 

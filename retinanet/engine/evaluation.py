@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retinanet.engine.files import atomic_write_json
+from retinanet.engine.files import atomic_write_json, json_safe
 
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -98,23 +98,25 @@ class CocoMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for `metrics.json`; NaN becomes null (JSON has no NaN)."""
-        return {
-            "backend": self.backend,
-            "num_images": self.num_images,
-            "num_detections": self.num_detections,
-            **{name: _nan_to_none(value) for name, value in self.summary_numbers().items()},
-            "per_category": [
-                {
-                    "category_id": c.category_id,
-                    "name": c.name,
-                    "AP": _nan_to_none(c.AP),
-                    "AP50": _nan_to_none(c.AP50),
-                    "num_gt": c.num_gt,
-                }
-                for c in self.per_category
-            ],
-            "summary": self.summary,
-        }
+        return json_safe(
+            {
+                "backend": self.backend,
+                "num_images": self.num_images,
+                "num_detections": self.num_detections,
+                **self.summary_numbers(),
+                "per_category": [
+                    {
+                        "category_id": c.category_id,
+                        "name": c.name,
+                        "AP": c.AP,
+                        "AP50": c.AP50,
+                        "num_gt": c.num_gt,
+                    }
+                    for c in self.per_category
+                ],
+                "summary": self.summary,
+            }
+        )
 
 
 def detections_to_coco_results(
@@ -519,10 +521,6 @@ def _mean_of_valid(values: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarra
 
 def _coco_value(value: float) -> float:
     return math.nan if value == -1 else float(value)
-
-
-def _nan_to_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def _format_fraction(value: float) -> str:

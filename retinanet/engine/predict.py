@@ -16,6 +16,7 @@ from ..data import DatasetError, DetectionTransform, collate_detection
 from ..model.retinanet import RetinaNet
 from .checkpoint import ClassInfo
 from .files import atomic_open, atomic_write_json
+from .inference import detections_to_numpy
 from .precision import autocast
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -72,10 +73,7 @@ def predict_images(
     detections = model.detect(
         outputs, batch.image_sizes, torch.tensor(batch.orig_sizes, device=device)
     )
-    return [
-        {k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
-        for d in detections
-    ]
+    return [detections_to_numpy(d) for d in detections]
 
 
 def class_colors(num_classes: int) -> list[tuple[int, int, int]]:

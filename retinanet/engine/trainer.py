@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..config import Config, config_to_dict, config_to_yaml
+from ..config import Config, ConfigError, config_differences, config_to_yaml
 from ..data import build_train_loader
 from ..data.build import build_dataset, resolve_data_paths
 from ..model.build import build_model
@@ -22,6 +23,7 @@ from .checkpoint import (
     FINAL_CHECKPOINT,
     ClassInfo,
     checkpoint_classes,
+    checkpoint_config,
     find_last_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -31,6 +33,7 @@ from .checkpoint import (
 )
 from .distributed import (
     barrier,
+    broadcast_from_main,
     get_rank,
     get_world_size,
     init_distributed,
@@ -39,7 +42,7 @@ from .distributed import (
     reduce_mean,
 )
 from .evaluation import CocoMetrics
-from .files import atomic_write_text
+from .files import atomic_write_text, json_safe
 from .inference import evaluate_model
 from .optim import build_lr_scheduler, build_optimizer
 from .precision import autocast, grad_scaler, resolve_amp
@@ -60,16 +63,6 @@ class TrainResult:
     skipped_steps: int = 0
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} requested but CUDA is not available")
-    return resolved
-
-
 class MetricsLog:
     """One JSON line per log step in metrics.jsonl, mirrored to TensorBoard (rank 0 only)."""
 
@@ -80,12 +73,17 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():
-            # After a resume, lines written past the checkpoint belong to the interrupted run.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= start_iter
-            ]
+            # After a resume, lines written past the checkpoint belong to the interrupted run;
+            # a line cut short by the crash is dropped too.
+            kept = []
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    if json.loads(line).get("iteration", 0) <= start_iter:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError):
+                    warnings.warn(
+                        f"{self.path}:{number}: dropping an unreadable line", stacklevel=2
+                    )
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -94,13 +92,8 @@ class MetricsLog:
     def write(self, iteration: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        # NaN (e.g. COCO's "no ground truth in this area range") is not valid JSON: null.
-        record = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in values.items()
-        }
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"iteration": iteration, **record}) + "\n")
+            f.write(json.dumps({"iteration": iteration, **json_safe(dict(values))}) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(key, value, iteration)
@@ -110,31 +103,14 @@ class MetricsLog:
             self.writer.close()
 
 
-def _first_nonfinite(losses: Mapping[str, torch.Tensor]) -> str | None:
-    for name, value in losses.items():
-        if name.startswith("loss") and not torch.isfinite(value).all():
-            return name
-    return None
-
-
-def _all_finite_everywhere(finite: bool, device: torch.device) -> bool:
-    """Every process must take the same branch, or DDP's gradient all-reduce deadlocks."""
-    if get_world_size() == 1:
-        return finite
-    flag = torch.tensor(1.0 if finite else 0.0, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """One host sync per iteration: is the total loss finite on every process? (A sum is finite
+    iff all its terms are; every process must take the same branch, or DDP's gradient
+    all-reduce deadlocks.)"""
+    flag = torch.isfinite(loss.detach()).to(torch.float32)
+    if get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def train(
@@ -150,12 +126,15 @@ def train(
     config.yaml and (with `evaluate`) the final COCO evaluation into `output_dir`.
 
     resume: continue from the last checkpoint in `output_dir` (a fresh start if there is none).
+        With several nodes the folder must be on a filesystem they share: rank 0 chooses the
+        checkpoint and every process loads it.
     stop_at_iteration: stop after this many iterations as if interrupted (no final checkpoint,
         no evaluation): for time-boxed jobs and for testing resume.
     """
     output_dir = Path(output_dir)
-    torch_device = init_distributed(resolve_device(device).type)
+    torch_device = init_distributed(device)
     resolve_amp(cfg.train.amp, torch_device)  # fails early on an impossible choice
+    check_trainable(cfg)
     world_size, rank = get_world_size(), get_rank()
     if cfg.train.batch_size % world_size:
         raise ValueError(
@@ -168,7 +147,16 @@ def train(
 
     train_set = build_dataset(cfg, "train", training=True)
     classes = ClassInfo(train_set.class_names, train_set.category_ids)
-    checkpoint_path = find_last_checkpoint(output_dir) if resume else None
+    checkpoint_path = None
+    if resume:
+        checkpoint_path = broadcast_from_main(
+            find_last_checkpoint(output_dir) if is_main_process() else None
+        )
+        if checkpoint_path is not None and not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(
+                f"process {rank} cannot read {checkpoint_path}: resuming needs --output-dir on a "
+                "filesystem shared by all nodes"
+            )
     state = load_checkpoint(checkpoint_path) if checkpoint_path else None
 
     torch.manual_seed(cfg.train.seed)
@@ -204,7 +192,7 @@ def train(
                 f"{checkpoint_path} was trained on classes {checkpoint_classes(state).names}, but "
                 f"{cfg.data.train.annotation_file} defines {classes.names}"
             )
-        changed = _config_differences(state["config"], config_to_dict(cfg))
+        changed = config_differences(checkpoint_config(state), cfg)
         if changed and is_main_process():
             print(
                 f"warning: resuming with a config that differs from the checkpoint's in {changed}"
@@ -259,6 +247,7 @@ def train(
             )
             if training_state:
                 mark_last_checkpoint(output_dir, path)
+                remove_old_checkpoints(output_dir, cfg.train.keep_checkpoints)
         barrier()
         return path
 
@@ -293,7 +282,9 @@ def train(
     model.train()
     data_iter = iter(loader)
     skipped = 0
-    window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+    # Loss terms summed on the device over the logging window (no host sync per iteration).
+    window_sums: dict[str, torch.Tensor] = {}
+    window_start, window_steps, window_iters, data_time = time.perf_counter(), 0, 0, 0.0
     try:
         for iteration in range(start_iter, end_iter):
             fetch_start = time.perf_counter()
@@ -305,51 +296,53 @@ def train(
             losses = model.losses(outputs, batch.targets, progress=iteration / max_iter)
             loss = losses["loss_cls"] + losses["loss_box"]
 
-            bad_term = _first_nonfinite(losses)
-            if not _all_finite_everywhere(bad_term is None, torch_device):
-                if cfg.train.on_nonfinite == "stop":
-                    where = bad_term or "a loss term on another process"
-                    last = find_last_checkpoint(output_dir) if is_main_process() else None
-                    raise NonFiniteLossError(
-                        f"non-finite {where} at iteration {iteration + 1} "
-                        f"(values: { {k: float(v.detach()) for k, v in losses.items()} }); "
-                        f"nothing was saved for this iteration; last checkpoint: {last or 'none'}. "
-                        "Lower train.base_lr, enable train.clip_grad_norm, or set "
-                        "train.on_nonfinite=skip to skip such steps."
-                    )
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                bar.update(1)
-                continue
-
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            if cfg.train.clip_grad_norm > 0:
+            if _finite_everywhere(loss):
                 if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                if cfg.train.clip_grad_norm > 0:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                for name, value in {"loss": loss, **losses}.items():
+                    window_sums[name] = window_sums.get(name, 0) + value.detach()
+                window_iters += 1
+            elif cfg.train.on_nonfinite == "stop":
+                bad = [
+                    k for k, v in losses.items() if k.startswith("loss") and not torch.isfinite(v)
+                ]
+                last = find_last_checkpoint(output_dir) if is_main_process() else None
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                raise NonFiniteLossError(
+                    f"non-finite {', '.join(bad) or 'loss on another process'} at iteration "
+                    f"{iteration + 1} (values: {values}); "
+                    f"nothing was saved for this iteration; last checkpoint: {last or 'none'}. "
+                    "Lower train.base_lr, enable train.clip_grad_norm, or set "
+                    "train.on_nonfinite=skip to skip such steps."
+                )
             else:
-                optimizer.step()
+                skipped += 1
             scheduler.step()
-            window_iters += 1
             bar.update(1)
+            window_steps += 1
 
             done = iteration + 1
             if done % cfg.train.log_period == 0 or done == end_iter:
-                values = reduce_mean({"loss": loss, **losses})
-                elapsed = time.perf_counter() - window_start
-                seconds_per_iter = elapsed / max(window_iters, 1)
+                values = {}
+                if window_iters:
+                    values = reduce_mean({k: v / window_iters for k, v in window_sums.items()})
+                seconds_per_iter = (time.perf_counter() - window_start) / window_steps
                 values.update(
                     lr=optimizer.param_groups[0]["lr"],
                     time=seconds_per_iter,
-                    data_time=data_time / max(window_iters, 1),
+                    data_time=data_time / window_steps,
                     eta_seconds=seconds_per_iter * (max_iter - done),
                 )
                 if torch_device.type == "cuda":
@@ -357,13 +350,15 @@ def train(
                 if skipped:
                     values["skipped_steps"] = skipped
                 log.write(done, values)
-                bar.set_postfix(
-                    loss=f"{values['loss']:.3f}",
-                    cls=f"{values['loss_cls']:.3f}",
-                    box=f"{values['loss_box']:.3f}",
-                    lr=f"{values['lr']:.2e}",
-                )
-                window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+                if "loss" in values:
+                    bar.set_postfix(
+                        loss=f"{values['loss']:.3f}",
+                        cls=f"{values['loss_cls']:.3f}",
+                        box=f"{values['loss_box']:.3f}",
+                        lr=f"{values['lr']:.2e}",
+                    )
+                window_sums = {}
+                window_start, window_steps, window_iters, data_time = time.perf_counter(), 0, 0, 0.0
             if done % cfg.train.checkpoint_period == 0 and done < max_iter:
                 save(done)
             if (
@@ -385,3 +380,28 @@ def train(
     metrics = run_evaluation(max_iter, final=True) if evaluate else None
     log.close()
     return TrainResult(output_dir, final, max_iter, metrics, skipped)
+
+
+def check_trainable(cfg: Config) -> None:
+    """Training from scratch (no backbone weights) with frozen BatchNorm or frozen stages would
+    freeze random weights: refuse, naming the keys to change."""
+    backbone = cfg.model.backbone
+    if backbone.weights:
+        return
+    if backbone.norm == "frozen_bn" or backbone.freeze_at > 0:
+        raise ConfigError(
+            "model.backbone.weights is empty (training from scratch), but "
+            f"model.backbone.norm={backbone.norm} and "
+            f"model.backbone.freeze_at={backbone.freeze_at} "
+            "would freeze randomly initialised layers; set model.backbone.norm=bn (or gn, sync_bn) "
+            "and model.backbone.freeze_at=0, or give model.backbone.weights"
+        )
+
+
+def remove_old_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (keep <= 0 keeps all)."""
+    if keep <= 0:
+        return
+    periodic = sorted(output_dir.glob("model_[0-9]*.pth"))
+    for path in periodic[:-keep]:
+        path.unlink(missing_ok=True)

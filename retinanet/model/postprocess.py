@@ -168,9 +168,22 @@ class DetectionPostprocessor:
         """Detections per image: `boxes` (N, 4) float32 xyxy in original-image pixels, `scores`
         (N,) sorted in decreasing order, `labels` (N,) int64 class indices in [0, K).
         image_sizes, original_sizes: (B, 2) (H, W) of the resized and the original images."""
-        boxes, scores, labels, valid = self.candidates(
+        candidates = self.candidates(
             cls_logits, box_deltas, anchors, num_anchors_per_level, image_sizes
         )
+        return self.select(*candidates, image_sizes, original_sizes)
+
+    def select(
+        self,
+        boxes: Tensor,
+        scores: Tensor,
+        labels: Tensor,
+        valid: Tensor,
+        image_sizes: Tensor,
+        original_sizes: Tensor,
+    ) -> list[dict[str, Tensor]]:
+        """Class-wise NMS per image over the output of `candidates`, the top `max_detections`
+        kept, boxes scaled to original-image pixels (see __call__)."""
         detections = []
         for i in range(boxes.shape[0]):  # NMS is per image; candidates are already few
             keep = torch.nonzero(valid[i]).squeeze(1)

@@ -18,8 +18,8 @@ from .postprocess import DetectionPostprocessor
 
 
 class HeadOutputs(NamedTuple):
-    """cls_logits (B, A, K); box_deltas (B, A, 4); anchors (A, 4) xyxy in input pixels, shared by
-    the batch; num_anchors_per_level: anchors of P3, P4, ... (they sum to A)."""
+    """cls_logits (B, A, K) fp32; box_deltas (B, A, 4) fp32; anchors (A, 4) xyxy in input pixels,
+    shared by the batch; num_anchors_per_level: anchors of P3, P4, ... (they sum to A)."""
 
     cls_logits: Tensor
     box_deltas: Tensor
@@ -82,11 +82,10 @@ class RetinaNet(nn.Module):
         x = (images.float() - self.pixel_mean) / self.pixel_std
         height, width = x.shape[-2:]
         sizes = image_sizes.to(x.device)
-        if bool((sizes[:, 0] < height).any() or (sizes[:, 1] < width).any()):
-            rows = torch.arange(height, device=x.device)[None, :, None] < sizes[:, 0, None, None]
-            cols = torch.arange(width, device=x.device)[None, None, :] < sizes[:, 1, None, None]
-            x = x * (rows & cols)[:, None].to(x.dtype)
-        return x
+        # Masked unconditionally: testing whether any image is padded would cost a device sync.
+        rows = torch.arange(height, device=x.device)[None, :, None] < sizes[:, 0, None, None]
+        cols = torch.arange(width, device=x.device)[None, None, :] < sizes[:, 1, None, None]
+        return x.mul_((rows & cols)[:, None])
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> HeadOutputs:
         """images: (B, 3, H, W) padded, 0-255 RGB; image_sizes: (B, 2) (H, W) before padding."""
@@ -95,6 +94,9 @@ class RetinaNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(x))
         cls_logits, box_deltas = self.head(features)
+        # fp32 outputs even under autocast: the loss needs them in fp32 anyway, and bf16 would
+        # round decoded coordinates to 4-8 px at COCO image sizes and tie many scores.
+        cls_logits, box_deltas = cls_logits.float(), box_deltas.float()
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = self.anchor_generator(tuple(images.shape[-2:]), feature_sizes, images.device)
         return HeadOutputs(

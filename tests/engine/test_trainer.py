@@ -120,3 +120,39 @@ def test_batch_size_must_divide_world(tiny_config, tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         train(cfg, tmp_path, progress=False, evaluate=False)
+
+
+def test_training_from_scratch_refuses_to_freeze_random_weights(tmp_path, tiny_config):
+    import dataclasses
+
+    from retinanet.config import ConfigError
+
+    backbone = dataclasses.replace(tiny_config.model.backbone, norm="frozen_bn", freeze_at=2)
+    cfg = dataclasses.replace(
+        tiny_config, model=dataclasses.replace(tiny_config.model, backbone=backbone)
+    )
+    with pytest.raises(
+        ConfigError, match="model.backbone.norm=frozen_bn and model.backbone.freeze_at=2"
+    ):
+        train(cfg, tmp_path, progress=False, evaluate=False)
+
+
+def test_keep_checkpoints_and_a_torn_log_line(tmp_path, tiny_config):
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        tiny_config,
+        train=dataclasses.replace(tiny_config.train, checkpoint_period=1, keep_checkpoints=2),
+    )
+    train(cfg, tmp_path, stop_at_iteration=4, progress=False, evaluate=False)
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
+        "model_0000003.pth",
+        "model_0000004.pth",
+    ]
+    # A crash while appending to metrics.jsonl leaves half a line; resuming drops it.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 5, "lo')
+    with pytest.warns(UserWarning, match="metrics.jsonl:5: dropping an unreadable line"):
+        result = train(cfg, tmp_path, resume=True, progress=False, evaluate=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2, 3, 4, 5, 6] and result.iterations == 6

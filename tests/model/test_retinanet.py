@@ -160,3 +160,22 @@ def test_the_model_overfits_one_image():
         wrong = (iou[i] > 0.5) & (detections["labels"] != labels[i])
         if wrong.any():
             assert detections["scores"][wrong].max() < detections["scores"][hits].max()
+
+
+def test_head_outputs_and_detections_are_fp32_under_autocast():
+    from retinanet.config import load_config
+    from retinanet.model.build import build_model
+
+    cfg = load_config(
+        None, ["model.backbone.weights=", "model.backbone.depth=18", "model.fpn.channels=32"]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, 3).eval()
+    images = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)
+    sizes = torch.tensor([[128, 128]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images, sizes)
+        detections = model.detect(outputs, sizes, sizes * 8)
+    # bf16 would round coordinates of ~1000 px to multiples of 4-8 px.
+    assert outputs.cls_logits.dtype == outputs.box_deltas.dtype == torch.float32
+    assert detections[0]["boxes"].dtype == torch.float32
