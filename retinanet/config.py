@@ -385,6 +385,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each `key=value` of `overrides` in the nested mapping `data` (in place), remembering
+    the override as the source of the key for error messages."""
     for text in overrides:
         path, value = parse_override(text)
         source = f"command-line override {text!r}"
@@ -426,10 +428,12 @@ def config_from_dict(
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as nested plain dicts (stored in checkpoints)."""
     return dataclasses.asdict(cfg)
 
 
 def config_to_yaml(cfg: Config) -> str:
+    """The config as YAML text that `load_config` reads back (written to config.yaml)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 

@@ -45,6 +45,8 @@ def resolve_data_paths(cfg: Config) -> Config:
 
 
 def build_transform(cfg: Config, training: bool) -> DetectionTransform:
+    """Training augmentation (multi-scale resize, flip, optional colour jitter) or the
+    deterministic test-time resize, from the input.* keys."""
     if training:
         return DetectionTransform(
             min_size=cfg.input.min_size,

@@ -49,6 +49,7 @@ class ClassInfo:
 
 
 def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) generator states, for exact resume."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),  # noqa: NPY002 - the global state is what we restore
@@ -60,6 +61,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])  # noqa: NPY002
     torch.set_rng_state(state["torch"])
@@ -96,6 +98,7 @@ def save_checkpoint(
 
 
 def mark_last_checkpoint(output_dir: str | Path, checkpoint: str | Path) -> None:
+    """Name `checkpoint` in `output_dir`/last_checkpoint (atomically), for --resume."""
     atomic_write_text(Path(output_dir) / LAST_CHECKPOINT_FILE, Path(checkpoint).name + "\n")
 
 
@@ -141,6 +144,7 @@ def checkpoint_config(state: dict[str, Any]) -> Config:
 
 
 def checkpoint_classes(state: dict[str, Any]) -> ClassInfo:
+    """The class names and dataset category ids stored in a checkpoint."""
     return ClassInfo(list(state["classes"]["names"]), list(state["classes"]["category_ids"]))
 
 

@@ -63,6 +63,7 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
     if get_world_size() > 1:
         dist.barrier()
 
@@ -100,6 +101,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
 
 
 def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every process (any picklable object)."""
     if get_world_size() == 1:
         return obj
     box = [obj]

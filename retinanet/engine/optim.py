@@ -39,6 +39,7 @@ def build_optimizer(
     momentum: float = 0.9,
     adam_betas: Sequence[float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters (see `parameter_groups`)."""
     groups = parameter_groups(model, weight_decay, weight_decay_norm)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)

@@ -36,6 +36,7 @@ def list_images(path: str | os.PathLike) -> list[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB; DatasetError naming the file if unreadable."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"cannot read image {path} (missing, unreadable or not an image)")
@@ -121,6 +122,7 @@ def draw_detections(
 
 
 def write_image(path: Path, image_bgr: np.ndarray) -> None:
+    """Encode by the file's suffix and write atomically."""
     ok, encoded = cv2.imencode(path.suffix or ".png", image_bgr)
     if not ok:
         raise ValueError(f"cannot encode {path}")

@@ -16,6 +16,7 @@ from .retinanet import RetinaNet
 
 
 def build_modulation(loss: LossConfig) -> ModulatingFactor | GammaSchedule:
+    """The focal loss's modulating factor from loss.modulation / loss.gamma(_schedule)."""
     if loss.modulation == "exponential":
         return ExponentialFactor(loss.exponential_beta)
     if loss.gamma_schedule:

@@ -56,6 +56,7 @@ def _pairwise_intersection(boxes: Tensor, anchors: Tensor) -> Tensor:
 
 
 def box_area(boxes: Tensor) -> Tensor:
+    """boxes (..., 4) xyxy -> areas (...)."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
