@@ -276,8 +276,8 @@ def dense_focal_loss(
 
 
 def smooth_l1_loss(deltas: Tensor, target_deltas: Tensor, beta: float) -> Tensor:
-    """deltas, target_deltas: (N, 4) box offsets -> sum over elements of smooth-L1 (fp32); beta = 0 is pure L1 (Detectron2's RetinaNet default),
-    the paper era used beta = 0.11."""
+    """deltas, target_deltas: (N, 4) box offsets -> sum over elements of smooth-L1 (fp32).
+    beta = 0 is pure L1 (Detectron2's RetinaNet default); the paper era used beta = 0.11."""
     deltas = deltas.float()
     if beta < 1e-5:
         return F.l1_loss(deltas, target_deltas, reduction="sum")
