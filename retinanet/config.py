@@ -532,6 +532,11 @@ def validate(cfg: Config) -> None:
         ("model.head.num_convs", cfg.model.head.num_convs >= 0, ">= 0"),
         ("model.backbone.freeze_at", 0 <= cfg.model.backbone.freeze_at <= 5, "in [0, 5]"),
         (
+            "model.backbone.stride_in_1x1",
+            not cfg.model.backbone.stride_in_1x1 or cfg.model.backbone.depth >= 50,
+            "false for ResNet-18/34 (their basic blocks have no 1x1 conv)",
+        ),
+        (
             "model.matcher.bg_iou_threshold",
             0 <= cfg.model.matcher.bg_iou_threshold <= cfg.model.matcher.fg_iou_threshold <= 1,
             "<= model.matcher.fg_iou_threshold, both in [0, 1]",

@@ -214,3 +214,9 @@ def test_exponent_notation_without_a_dot_is_a_float(tmp_path):
     assert cfg.train.weight_decay == 1e-4 and cfg.train.base_lr == 2e-3
     with pytest.raises(ConfigError, match="train.base_lr"):
         load_config(path, ["train.base_lr=fast"])
+
+
+def test_stride_in_1x1_needs_bottleneck_blocks():
+    with pytest.raises(ConfigError, match="model.backbone.stride_in_1x1"):
+        load_config(None, ["model.backbone.depth=18", "model.backbone.stride_in_1x1=true"])
+    assert load_config(None, ["model.backbone.stride_in_1x1=true"]).model.backbone.depth == 50
