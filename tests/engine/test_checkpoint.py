@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import torch
 
@@ -84,3 +87,22 @@ def test_atomic_json_replaces_whole_file(tmp_path):
     files.atomic_write_json(target, {"a": 1})
     files.atomic_write_json(target, {"b": 2})
     assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"b":2}'
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    # mkstemp's owner-only mode must not leak into outputs: new files follow the umask, a
+    # replaced file keeps its mode.
+    old_umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.json"
+        files.atomic_write_json(fresh, {"a": 1})
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        files.atomic_write_text(kept, "new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+        assert kept.read_text() == "new"
+    finally:
+        os.umask(old_umask)
