@@ -189,6 +189,10 @@ class TrainConfig:
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0
+    # a checkpoint of ours (a finished run, or tools/convert.py's output) to start from: the whole
+    # detector is loaded instead of model.backbone.weights; with other classes than the
+    # dataset's, the class output layer keeps its prior-probability init. Unused on resume.
+    init_weights: str = ""
     # "" (fp32) | bf16 | fp16 (CUDA only) | auto: bf16 where native (recent GPUs, CPUs with
     # AVX512-BF16/AMX, where it is ~2x faster than fp32), fp16 on older GPUs, else fp32
     amp: str = ""

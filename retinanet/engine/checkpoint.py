@@ -13,6 +13,7 @@ at the newest; the finished run also writes `model_final.pth`.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,29 @@ def checkpoint_classes(state: dict[str, Any]) -> ClassInfo:
     return ClassInfo(list(state["classes"]["names"]), list(state["classes"]["category_ids"]))
 
 
-def load_model_weights(model: torch.nn.Module, state: dict[str, Any], source: str | Path) -> None:
-    """Load `state['model']` into `model`, reporting mismatches by name."""
-    result = model.load_state_dict(state["model"], strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("criterion.")]
+def load_model_weights(
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    source: str | Path,
+    skip: Sequence[str] = (),
+) -> None:
+    """Load `state['model']` into `model`, reporting mismatches by name. Tensors named in `skip`
+    are neither loaded nor reported: the model keeps its own."""
+    weights = {k: v for k, v in state["model"].items() if k not in skip}
+    own = model.state_dict()
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong_shape:
+        raise ValueError(
+            f"checkpoint {source} does not fit the model built from the config: "
+            f"shapes differ (checkpoint vs model) for {wrong_shape[:6]}"
+            f"{'...' if len(wrong_shape) > 6 else ''}"
+        )
+    result = model.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("criterion.") and k not in skip]
     unexpected = result.unexpected_keys
     if missing or unexpected:
         raise ValueError(
@@ -159,6 +179,21 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], source: st
             f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
             f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
         )
+
+
+# The class subnet's output conv: the only tensors tied to the dataset's classes.
+CLASS_OUTPUT_KEYS = ("head.cls_score.weight", "head.cls_score.bias")
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | Path, classes: ClassInfo) -> bool:
+    """Start a new training from the weights of a checkpoint of ours (a finished run, or one
+    written by tools/convert.py): every tensor is loaded, except the class output layer when the
+    checkpoint's classes differ from `classes` (that layer keeps its prior-probability
+    initialisation). Returns whether the class output layer was loaded."""
+    state = load_checkpoint(path)
+    same_classes = checkpoint_classes(state) == classes
+    load_model_weights(model, state, path, skip=() if same_classes else CLASS_OUTPUT_KEYS)
+    return same_classes
 
 
 def load_trained_model(

@@ -26,6 +26,7 @@ from .checkpoint import (
     checkpoint_config,
     find_last_checkpoint,
     load_checkpoint,
+    load_initial_weights,
     load_model_weights,
     mark_last_checkpoint,
     save_checkpoint,
@@ -160,7 +161,15 @@ def train(
     state = load_checkpoint(checkpoint_path) if checkpoint_path else None
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, classes.num_classes, load_backbone_weights=state is None)
+    init_weights = cfg.train.init_weights if state is None else ""
+    model = build_model(
+        cfg, classes.num_classes, load_backbone_weights=state is None and not init_weights
+    )
+    if init_weights:
+        loaded_classes = load_initial_weights(model, init_weights, classes)
+        if is_main_process():
+            detail = "" if loaded_classes else " (other classes: new class output layer)"
+            print(f"initialised from {init_weights}{detail}")
     model.to(torch_device)
     if cfg.train.channels_last:
         model.use_channels_last()
@@ -383,10 +392,10 @@ def train(
 
 
 def check_trainable(cfg: Config) -> None:
-    """Training from scratch (no backbone weights) with frozen BatchNorm or frozen stages would
-    freeze random weights: refuse, naming the keys to change."""
+    """Training from scratch (no backbone weights, no train.init_weights) with frozen BatchNorm
+    or frozen stages would freeze random weights: refuse, naming the keys to change."""
     backbone = cfg.model.backbone
-    if backbone.weights:
+    if backbone.weights or cfg.train.init_weights:
         return
     if backbone.norm == "frozen_bn" or backbone.freeze_at > 0:
         raise ConfigError(

@@ -7,9 +7,11 @@ import torch
 from retinanet.config import load_config
 from retinanet.engine import files
 from retinanet.engine.checkpoint import (
+    CLASS_OUTPUT_KEYS,
     ClassInfo,
     find_last_checkpoint,
     load_checkpoint,
+    load_initial_weights,
     load_trained_model,
     mark_last_checkpoint,
     save_checkpoint,
@@ -106,3 +108,40 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
         assert kept.read_text() == "new"
     finally:
         os.umask(old_umask)
+
+
+def test_initial_weights_keep_a_fresh_class_layer_for_other_classes(tmp_path):
+    cfg, source = _small_model()
+    with torch.no_grad():
+        source.head.cls_score.bias.add_(1.0)  # a trained-looking class layer, not the prior
+    path = save_checkpoint(tmp_path / "src.pth", source, cfg, CLASSES, iteration=9)
+    source_state = source.state_dict()
+
+    torch.manual_seed(1)
+    same = build_model(cfg, 2)
+    assert load_initial_weights(same, path, CLASSES)
+    for key, value in same.state_dict().items():
+        assert torch.equal(value, source_state[key]), key
+
+    other_classes = ClassInfo(["x", "y", "z"], [1, 2, 5])
+    torch.manual_seed(1)
+    other = build_model(cfg, 3)
+    fresh_bias = other.head.cls_score.bias.clone()
+    assert not load_initial_weights(other, path, other_classes)
+    for key, value in other.state_dict().items():
+        if key not in CLASS_OUTPUT_KEYS:
+            assert torch.equal(value, source_state[key]), key
+    # The new class layer keeps the prior-probability init: p = 0.01 everywhere.
+    assert torch.equal(other.head.cls_score.bias, fresh_bias)
+    assert torch.allclose(torch.sigmoid(fresh_bias), torch.full_like(fresh_bias, 0.01))
+
+
+def test_initial_weights_of_another_architecture_name_file_and_tensor(tmp_path):
+    cfg, source = _small_model()
+    path = save_checkpoint(tmp_path / "src.pth", source, cfg, CLASSES, iteration=9)
+    wider_cfg = load_config(None, ["model.backbone.weights=", "model.backbone.depth=18"])
+    wider = build_model(wider_cfg, 2)
+    with pytest.raises(ValueError, match=r"src\.pth.*shapes differ.*fpn\."):
+        load_initial_weights(wider, path, CLASSES)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_initial_weights(wider, tmp_path / "nowhere.pth", CLASSES)

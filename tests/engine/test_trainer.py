@@ -156,3 +156,30 @@ def test_keep_checkpoints_and_a_torn_log_line(tmp_path, tiny_config):
         result = train(cfg, tmp_path, resume=True, progress=False, evaluate=False)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1, 2, 3, 4, 5, 6] and result.iterations == 6
+
+
+def test_training_starts_from_init_weights(tmp_path, tiny_config):
+    import dataclasses
+
+    first = train(tiny_config, tmp_path / "first", progress=False, evaluate=False)
+    start = _weights(first.final_checkpoint)
+    # Frozen stages with no ImageNet weights are fine here: the weights come from the
+    # checkpoint. A vanishing lr leaves the parameters where they were loaded.
+    backbone = dataclasses.replace(tiny_config.model.backbone, weights="", freeze_at=2)
+    cfg = dataclasses.replace(
+        tiny_config,
+        model=dataclasses.replace(tiny_config.model, backbone=backbone),
+        train=dataclasses.replace(
+            tiny_config.train,
+            init_weights=str(first.final_checkpoint),
+            base_lr=1e-12,
+            max_iter=1,
+            warmup_iters=0,
+        ),
+    )
+    second = train(cfg, tmp_path / "second", progress=False, evaluate=False)
+    after = _weights(second.final_checkpoint)
+    params = [k for k in after if k.endswith((".weight", ".bias")) and "running" not in k]
+    assert any(k.startswith("head.cls_score.") for k in params)
+    for key in params:
+        assert torch.allclose(after[key], start[key], atol=1e-9), key
