@@ -329,8 +329,8 @@ def run_ablation(
 
 def ablation_rows(output_dir: str | os.PathLike, grid: str) -> list[dict[str, Any]]:
     """One row per finished or failed setting of `grid` under `output_dir`, in grid order:
-    setting, status, the grid's columns (from the setting's stored config), AP, AP50, AP75
-    (fractions; None when failed or undefined), paper_AP, paper_AP50, paper_AP75 (fractions;
+    setting, status, the grid's columns that the setting sets (from its stored config), AP, AP50,
+    AP75 (fractions; None when failed or undefined), paper_AP, paper_AP50, paper_AP75 (fractions;
     None outside the paper's tables) and error (the failure message, else None)."""
     spec = get_grid(grid)
     output_dir = Path(output_dir)
@@ -346,8 +346,12 @@ def ablation_rows(output_dir: str | os.PathLike, grid: str) -> list[dict[str, An
         except ConfigError as error:
             raise ValueError(f"setting {setting.name}: {error}") from error
         row: dict[str, Any] = {"setting": setting.name, "status": status}
+        # A column the setting does not set (beta of the power modulation, gamma of the
+        # exponential one) does not apply to it and is left out of its row.
+        own_keys = {".".join(parse_override(o)[0]) for o in setting.overrides}
         for header, key in spec.columns:
-            row[header] = config_value(cfg, key)
+            if key in own_keys:
+                row[header] = config_value(cfg, key)
         metrics = _read_final_metrics(setting_dir) if status == "finished" else {}
         for name in ("AP", "AP50", "AP75"):
             row[name] = metrics.get(name)
@@ -378,7 +382,7 @@ def write_ablation_table(output_dir: str | os.PathLike, grid: str) -> dict[str, 
         writer.writerow([*columns, "error"])
         for row in rows:
             writer.writerow(
-                ["" if row[c] is None else row[c] for c in columns] + [row["error"] or ""]
+                ["" if row.get(c) is None else row[c] for c in columns] + [row["error"] or ""]
             )
 
     headers = [
@@ -397,7 +401,7 @@ def write_ablation_table(output_dir: str | os.PathLike, grid: str) -> dict[str, 
     ]
     for row in rows:
         cells = [row["setting"], row["status"]]
-        cells += [_format_value(row[h]) for h, _ in spec.columns]
+        cells += [_format_value(row[h]) if h in row else "–" for h, _ in spec.columns]
         cells += [_percent(row[c]) for c in metric_columns]
         lines.append("| " + " | ".join(cells) + " |")
     failures = [row for row in rows if row["error"]]

@@ -241,3 +241,16 @@ def test_tool_trains_one_setting_end_to_end(tmp_path, tiny_config_overrides, cap
     metrics = json.loads((tmp_path / "gamma3" / "eval" / "metrics.json").read_text())
     assert float(row["AP"]) == metrics["AP"] and float(row["AP50"]) == metrics["AP50"]
     assert load_config(tmp_path / "gamma3" / "config.yaml").train.max_iter == 1
+
+
+def test_columns_a_setting_does_not_set_are_left_blank(tmp_path, tiny_config_overrides, fake_train):
+    fake_train()
+    only = ["power_gamma2", "exponential_beta5"]
+    run_ablation(SHAPES, tmp_path, "modulation", tiny_config_overrides, only=only, progress=False)
+    rows = {r["setting"]: r for r in _read_csv(tmp_path / "ablation.csv")}
+    # gamma belongs to the power modulation only, beta to the exponential one.
+    assert (rows["power_gamma2"]["gamma"], rows["power_gamma2"]["beta"]) == ("2.0", "")
+    assert (rows["exponential_beta5"]["gamma"], rows["exponential_beta5"]["beta"]) == ("", "5.0")
+    markdown = (tmp_path / "ablation.md").read_text()
+    assert "| power_gamma2 | finished | power | 2 | – | 0.25 |" in markdown
+    assert "| exponential_beta5 | finished | exponential | – | 5 | 0.25 |" in markdown
