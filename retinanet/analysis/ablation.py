@@ -65,6 +65,11 @@ class AblationSetting:
     overrides: tuple[str, ...]
     paper: PaperResult | None = None
 
+    @property
+    def keys(self) -> set[str]:
+        """The dotted config keys this setting sets."""
+        return {".".join(parse_override(o)[0]) for o in self.overrides}
+
 
 @dataclass(frozen=True)
 class AblationGrid:
@@ -83,7 +88,7 @@ class AblationGrid:
 
     @property
     def varied_keys(self) -> set[str]:
-        return {".".join(parse_override(o)[0]) for s in self.settings for o in s.overrides}
+        return set().union(*(s.keys for s in self.settings))
 
 
 def _table1a() -> AblationGrid:
@@ -348,9 +353,8 @@ def ablation_rows(output_dir: str | os.PathLike, grid: str) -> list[dict[str, An
         row: dict[str, Any] = {"setting": setting.name, "status": status}
         # A column the setting does not set (beta of the power modulation, gamma of the
         # exponential one) does not apply to it and is left out of its row.
-        own_keys = {".".join(parse_override(o)[0]) for o in setting.overrides}
         for header, key in spec.columns:
-            if key in own_keys:
+            if key in setting.keys:
                 row[header] = config_value(cfg, key)
         metrics = _read_final_metrics(setting_dir) if status == "finished" else {}
         for name in ("AP", "AP50", "AP75"):

@@ -75,9 +75,10 @@ def _top_k_per_image(
 
 def scale_to_original(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Tensor:
     """boxes (B, N, 4) xyxy in resized-image pixels -> original-image pixels; image_sizes and
-    original_sizes are (B, 2) (H, W). The factors are computed in fp32 as torchvision does."""
-    scale = original_sizes.to(torch.float32) / image_sizes.to(torch.float32)  # (B, 2) (y, x)
-    return boxes.float() * scale[:, None, [1, 0, 1, 0]].to(boxes.device)
+    original_sizes are (B, 2) (H, W). For one image: boxes (N, 4) and sizes (2,). The factors
+    are computed in fp32 as torchvision does."""
+    scale = original_sizes.to(torch.float32) / image_sizes.to(torch.float32)  # (..., 2) (y, x)
+    return boxes.float() * scale[..., None, [1, 0, 1, 0]].to(boxes.device)
 
 
 class DetectionPostprocessor:
@@ -196,10 +197,8 @@ class DetectionPostprocessor:
             # to the slightly different x and y scale factors of rounded image sizes.
             keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_threshold)
             keep = keep[: self.max_detections]
-            kept = scale_to_original(
-                image_boxes[keep][None], image_sizes[i : i + 1], original_sizes[i : i + 1]
-            )
+            kept = scale_to_original(image_boxes[keep], image_sizes[i], original_sizes[i])
             detections.append(
-                {"boxes": kept[0], "scores": image_scores[keep], "labels": image_labels[keep]}
+                {"boxes": kept, "scores": image_scores[keep], "labels": image_labels[keep]}
             )
         return detections
