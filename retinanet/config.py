@@ -39,6 +39,9 @@ class BackboneConfig:
     # leading stages frozen: 0 none, 1 stem, 2 stem + res2
     freeze_at: int = 2
     stride_in_1x1: bool = False
+    # residual blocks per stage res2-res5 instead of the depth's standard counts (the block type
+    # follows depth): depth 18 with [1, 1, 1, 1] is ResNet-10. Empty: standard.
+    blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -198,6 +201,16 @@ class TrainConfig:
     amp: str = ""
     # channels-last (NHWC) convolutions: faster with oneDNN on CPU and with tensor cores
     channels_last: bool = False
+    # torch.compile the backbone, FPN and head (not the loss): faster steps after a one-off
+    # compilation of a minute or more
+    compile: bool = False
+    # cuDNN picks the fastest convolution algorithm per input shape (CUDA only)
+    cudnn_benchmark: bool = True
+    # auto (fused kernels where the device has them, else foreach) | fused | foreach | for_loop
+    optimizer_impl: str = "auto"
+    # DDP: copy BatchNorm statistics from rank 0 to all ranks before every forward (off: frozen
+    # BN has nothing to sync, and Detectron2 trains with per-rank statistics too)
+    ddp_broadcast_buffers: bool = False
     seed: int = 0
     log_period: int = 20
     checkpoint_period: int = 5000
@@ -453,6 +466,7 @@ _CHOICES = {
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("step", "cosine"),
     "train.amp": ("", "auto", "bf16", "fp16"),
+    "train.optimizer_impl": ("auto", "fused", "foreach", "for_loop"),
     "train.on_nonfinite": ("stop", "skip"),
     "eval.backend": ("pycocotools", "faster_coco_eval"),
 }

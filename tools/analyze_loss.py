@@ -26,7 +26,7 @@ from retinanet.analysis.loss_distribution import VIEWS  # noqa: E402
 from retinanet.analysis.loss_study import SPLITS, format_loss_summary, run_loss_study  # noqa: E402
 from retinanet.config import ConfigError  # noqa: E402
 from retinanet.data import DatasetError  # noqa: E402
-from retinanet.engine.distributed import resolve_device  # noqa: E402
+from retinanet.engine.device import resolve_device  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retinanet.analysis.calibration_study import compare_calibration  # noqa: E402
 from retinanet.config import ConfigError  # noqa: E402
 from retinanet.data import DatasetError  # noqa: E402
-from retinanet.engine.distributed import resolve_device  # noqa: E402
+from retinanet.engine.device import resolve_device  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from retinanet.config import ConfigError  # noqa: E402
 from retinanet.data import DatasetError  # noqa: E402
 from retinanet.data.build import build_transform  # noqa: E402
 from retinanet.engine.checkpoint import load_trained_model  # noqa: E402
-from retinanet.engine.distributed import resolve_device  # noqa: E402
+from retinanet.engine.device import resolve_device  # noqa: E402
 from retinanet.engine.predict import list_images, predict_files  # noqa: E402
 
 

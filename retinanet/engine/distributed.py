@@ -4,7 +4,6 @@ torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint); nothing here is n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -12,32 +11,17 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from .device import launched_by_torchrun, resolve_device, use_device
+
 T = TypeVar("T")
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; otherwise the named device, checked."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} requested but CUDA is not available")
-    return resolved
-
-
 def init_distributed(device: str | torch.device = "auto") -> torch.device:
-    """This process's device, joining the process group when started by torchrun (NCCL on CUDA,
-    gloo on CPU). Under torchrun each process takes the GPU of its LOCAL_RANK; a plain
-    `python tools/train.py` stays single-process on `device` (e.g. cuda:1)."""
+    """This process's device (see `resolve_device`), joining the process group when started by
+    torchrun (NCCL on CUDA, gloo on CPU). A plain `python tools/train.py` stays single-process
+    on `device` (e.g. cuda:1)."""
     device = resolve_device(device)
-    if device.type == "cuda":
-        if launched_by_torchrun():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    use_device(device)
     if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}

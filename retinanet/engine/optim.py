@@ -38,14 +38,39 @@ def build_optimizer(
     weight_decay_norm: float = 0.0,
     momentum: float = 0.9,
     adam_betas: Sequence[float] = (0.9, 0.999),
+    implementation: str = "auto",
 ) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the trainable parameters (see `parameter_groups`)."""
+    """SGD with momentum or AdamW over the trainable parameters (see `parameter_groups`).
+
+    implementation: "fused" (one kernel for all parameters, and with a GradScaler no host sync
+    to check for overflow), "foreach" (a few multi-tensor kernels), "for_loop" (one parameter
+    at a time) or "auto": fused where this PyTorch has it for the parameters' device, else
+    foreach. All give the same update up to float rounding."""
     groups = parameter_groups(model, weight_decay, weight_decay_norm)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(adam_betas))
-    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+        optimizer_class, kwargs = torch.optim.SGD, {"lr": lr, "momentum": momentum}
+    elif name == "adamw":
+        optimizer_class, kwargs = torch.optim.AdamW, {"lr": lr, "betas": tuple(adam_betas)}
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+    if implementation not in ("auto", "fused", "foreach", "for_loop"):
+        raise ValueError(f"unknown optimizer implementation {implementation!r}")
+    if implementation in ("auto", "fused"):
+        try:
+            return optimizer_class(groups, **kwargs, fused=True)
+        except (RuntimeError, TypeError) as err:
+            # TypeError: a PyTorch without `fused` for this optimizer; RuntimeError: not for
+            # this device.
+            if implementation == "fused":
+                raise ValueError(f"train.optimizer_impl=fused: {err}") from err
+    return optimizer_class(groups, **kwargs, foreach=implementation != "for_loop")
+
+
+def optimizer_implementation(optimizer: torch.optim.Optimizer) -> str:
+    """'fused', 'foreach' or 'for_loop': which kernels `optimizer` runs."""
+    if optimizer.defaults.get("fused"):
+        return "fused"
+    return "foreach" if optimizer.defaults.get("foreach") else "for_loop"
 
 
 def lr_factor(

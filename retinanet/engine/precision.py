@@ -18,17 +18,29 @@ def _cpu_has_native_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Ampere (compute capability 8.0) and newer compute bf16 in hardware. Older GPUs emulate
+    it slowly, though torch.cuda.is_bf16_supported() counts the emulation as support."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs and CPUs that compute bf16 natively, fp16 on older GPUs, fp32 ('')
-    on other CPUs; other values are returned checked."""
+    """'auto' -> bf16 on GPUs and CPUs that compute bf16 natively, fp16 (with loss scaling) on
+    older GPUs, fp32 ('') on other CPUs; other values are returned checked."""
     if amp == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if cuda_has_native_bf16(device) else "fp16"
         return "bf16" if device.type == "cpu" and _cpu_has_native_bf16() else ""
     if amp and amp not in _DTYPES:
         raise ValueError(f"train.amp must be '', 'auto', 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; use bf16, auto or '' on CPU")
+    if amp == "bf16" and device.type == "cuda" and not cuda_has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"train.amp=bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+            f"{major}.{minor}) would be emulated, slower than fp32; use train.amp=fp16 or auto"
+        )
     return amp
 
 

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, config_differences, config_to_yaml
 from ..data import build_train_loader
 from ..data.build import build_dataset, resolve_data_paths
+from ..data.collate import Batch
 from ..model.build import build_model
+from ..model.retinanet import RetinaNet
 from .checkpoint import (
     FINAL_CHECKPOINT,
     ClassInfo,
@@ -32,6 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .device import configure_cudnn
 from .distributed import (
     barrier,
     broadcast_from_main,
@@ -114,6 +118,76 @@ def _finite_everywhere(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+@dataclass
+class StepParts:
+    """What one training step touches. `model` is the RetinaNet itself, `forward_model` the
+    module that runs its forward (the model, or its DistributedDataParallel wrapper)."""
+
+    model: torch.nn.Module
+    forward_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    amp: str
+    device: torch.device
+    scaler: torch.amp.GradScaler | None = None
+    clip_grad_norm: float = 0.0
+
+
+def train_step(parts: StepParts, batch: Batch, progress: float) -> tuple[dict[str, Tensor], bool]:
+    """Forward, loss, backward and optimizer step on a batch already on the device.
+
+    Returns the loss terms (on the device, not synchronised) and whether the step was taken:
+    False when the loss was not finite on some process, in which case nothing was updated.
+    The finiteness check is the step's only wait for the device (see tests/engine/
+    test_host_syncs.py); everything else is queued asynchronously."""
+    with autocast(parts.amp, parts.device):
+        outputs = parts.forward_model(batch.images, batch.image_sizes)
+    losses = parts.model.losses(outputs, batch.targets, progress=progress)
+    loss = losses["loss_cls"] + losses["loss_box"]
+    losses = {"loss": loss, **losses}
+    parts.optimizer.zero_grad(set_to_none=True)
+    if not _finite_everywhere(loss):
+        return losses, False
+    scaler = parts.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if parts.clip_grad_norm > 0:
+        if scaler is not None:
+            scaler.unscale_(parts.optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.clip_grad_norm)
+    if scaler is not None:
+        scaler.step(parts.optimizer)
+        scaler.update()
+    else:
+        parts.optimizer.step()
+    return losses, True
+
+
+def wrap_distributed(
+    model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = False
+) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when there are several processes, else `model`.
+    Gradients live in DDP's communication buckets (gradient_as_bucket_view: no copy in and out
+    of the buckets, less memory); buffers are not broadcast before every forward unless asked
+    (frozen BatchNorm's never change, and a broadcast per step costs a collective)."""
+    if get_world_size() == 1:
+        return model
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=broadcast_buffers,
+        gradient_as_bucket_view=True,
+    )
+
+
+def compile_network(model: RetinaNet) -> RetinaNet:
+    """torch.compile the backbone, FPN and head in place (parameter names unchanged, so
+    checkpoints are the same). The loss stays eager: it changes with the training progress
+    (gamma schedules) and would recompile. Image sizes that vary make the compiler switch to
+    dynamic shapes after the first new size instead of compiling one graph per size."""
+    for part in (model.backbone, model.fpn, model.head):
+        part.compile()
+    return model
+
+
 def train(
     cfg: Config,
     output_dir: str | Path,
@@ -134,7 +208,8 @@ def train(
     """
     output_dir = Path(output_dir)
     torch_device = init_distributed(device)
-    resolve_amp(cfg.train.amp, torch_device)  # fails early on an impossible choice
+    amp = resolve_amp(cfg.train.amp, torch_device)  # fails early on an impossible choice
+    configure_cudnn(cfg.train.cudnn_benchmark)
     check_trainable(cfg)
     world_size, rank = get_world_size(), get_rank()
     if cfg.train.batch_size % world_size:
@@ -182,6 +257,7 @@ def train(
         cfg.train.weight_decay_norm,
         cfg.train.momentum,
         cfg.train.adam_betas,
+        cfg.train.optimizer_impl,
     )
     scheduler = build_lr_scheduler(
         optimizer,
@@ -192,7 +268,7 @@ def train(
         cfg.train.warmup_iters,
         cfg.train.warmup_factor,
     )
-    scaler = grad_scaler(cfg.train.amp, torch_device)
+    scaler = grad_scaler(amp, torch_device)
 
     start_iter = 0
     if state is not None:
@@ -219,12 +295,16 @@ def train(
 
     if is_main_process():
         atomic_write_text(output_dir / "config.yaml", config_to_yaml(cfg))
-    ddp_model = (
-        DistributedDataParallel(
-            model, device_ids=[torch_device] if torch_device.type == "cuda" else None
-        )
-        if world_size > 1
-        else model
+    if cfg.train.compile:
+        compile_network(model)
+    step_parts = StepParts(
+        model,
+        wrap_distributed(model, torch_device, cfg.train.ddp_broadcast_buffers),
+        optimizer,
+        amp,
+        torch_device,
+        scaler,
+        cfg.train.clip_grad_norm,
     )
     loader = build_train_loader(
         train_set,
@@ -274,7 +354,7 @@ def train(
             num_workers=cfg.data.num_workers,
             size_divisibility=cfg.input.size_divisibility,
             backend=cfg.eval.backend,
-            amp=cfg.train.amp,
+            amp=amp,
             verbose=final,
         )
         log.write(iteration, {f"eval/{k}": v for k, v in metrics.summary_numbers().items()})
@@ -300,32 +380,14 @@ def train(
             batch = next(data_iter).to(torch_device, non_blocking=True)
             data_time += time.perf_counter() - fetch_start
 
-            with autocast(cfg.train.amp, torch_device):
-                outputs = ddp_model(batch.images, batch.image_sizes)
-            losses = model.losses(outputs, batch.targets, progress=iteration / max_iter)
-            loss = losses["loss_cls"] + losses["loss_box"]
-
-            optimizer.zero_grad(set_to_none=True)
-            if _finite_everywhere(loss):
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                if cfg.train.clip_grad_norm > 0:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                for name, value in {"loss": loss, **losses}.items():
+            losses, finite = train_step(step_parts, batch, progress=iteration / max_iter)
+            if finite:
+                for name, value in losses.items():
                     window_sums[name] = window_sums.get(name, 0) + value.detach()
                 window_iters += 1
             elif cfg.train.on_nonfinite == "stop":
                 bad = [
-                    k for k, v in losses.items() if k.startswith("loss") and not torch.isfinite(v)
+                    k for k, v in losses.items() if k.startswith("loss_") and not torch.isfinite(v)
                 ]
                 last = find_last_checkpoint(output_dir) if is_main_process() else None
                 values = {k: float(v.detach()) for k, v in losses.items()}

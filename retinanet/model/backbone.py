@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.models import resnet as resnet_models
 
 from .norm import make_norm
 
@@ -54,6 +56,10 @@ class ResNetBackbone(nn.Module):
             MSRA ResNet, used by Detectron2's ImageNet weights) instead of the 3x3 conv
             (torchvision's "ResNet v1.5").
         weights: None (random init), "imagenet" (torchvision download) or a local file path.
+        blocks: residual blocks per stage res2-res5, overriding the depth's standard counts
+            (e.g. (2, 2, 2, 2) for ResNet-18); the block type still follows `depth` (basic
+            blocks below 50). depth 18 with (1, 1, 1, 1) is ResNet-10: about half of
+            ResNet-18's compute, for small from-scratch models. Empty: the standard counts.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class ResNetBackbone(nn.Module):
         freeze_at: int = 2,
         stride_in_1x1: bool = False,
         weights: str | None = None,
+        blocks: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if depth not in RESNET_DEPTHS:
@@ -74,9 +81,18 @@ class ResNetBackbone(nn.Module):
             raise ValueError(
                 "ImageNet weights are BatchNorm weights; use norm frozen_bn, bn or sync_bn"
             )
-        resnet = getattr(torchvision.models, f"resnet{depth}")(
-            weights=None, norm_layer=lambda c: make_norm(norm, c, eps=norm_eps)
-        )
+        if blocks and (len(blocks) != 4 or min(blocks) < 1):
+            raise ValueError(f"blocks must be 4 counts >= 1 (res2-res5), got {list(blocks)}")
+        if blocks and weights:
+            raise ValueError("ImageNet weights exist only for the standard depths; leave blocks empty")
+        norm_layer = lambda c: make_norm(norm, c, eps=norm_eps)  # noqa: E731
+        if blocks:
+            block = resnet_models.BasicBlock if depth < 50 else resnet_models.Bottleneck
+            resnet = resnet_models.ResNet(block, list(blocks), norm_layer=norm_layer)
+        else:
+            resnet = getattr(torchvision.models, f"resnet{depth}")(
+                weights=None, norm_layer=norm_layer
+            )
         if weights:
             state = load_imagenet_state_dict(depth, weights)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}

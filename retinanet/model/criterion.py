@@ -125,17 +125,27 @@ class RetinaNetCriterion(nn.Module):
         factor = resolve_factor(self.modulation, progress)
         loss_cls = dense_focal_loss(cls_logits, anchor_classes, self.alpha, factor) / normalizer
 
-        image_idx, anchor_idx = torch.nonzero(foreground, as_tuple=True)
-        matched_boxes = gt_boxes[image_idx, matches[image_idx, anchor_idx]]
-        fg_anchors = anchors[anchor_idx]
-        fg_deltas = box_deltas[image_idx, anchor_idx]
+        # The box loss is evaluated for every anchor and masked to the foreground ones:
+        # gathering the foreground anchors first would need their count on the host (a
+        # device sync per step), and (B, A, 4) is small next to the (B, A, K) class logits.
+        # Other anchors get their own box as target, which keeps every term finite.
+        batch = matches.shape[0]
+        matched_boxes = gt_boxes.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
+        anchors_b = anchors.expand(batch, -1, -1)
+        matched_boxes = torch.where(foreground[..., None], matched_boxes, anchors_b)
         if self.box_loss == "smooth_l1":
-            targets_deltas = self.box_coder.encode(fg_anchors, matched_boxes)
-            loss_box = smooth_l1_loss(fg_deltas, targets_deltas, self.smooth_l1_beta)
-        else:
-            loss_box = giou_loss(
-                self.box_coder.decode(fg_deltas.float(), fg_anchors), matched_boxes
+            target_deltas = self.box_coder.encode(
+                anchors_b.reshape(-1, 4), matched_boxes.reshape(-1, 4)
             )
+            per_anchor = smooth_l1_loss(
+                box_deltas.reshape(-1, 4), target_deltas, self.smooth_l1_beta, reduction="none"
+            ).sum(dim=1)
+        else:
+            decoded = self.box_coder.decode(
+                box_deltas.reshape(-1, 4).float(), anchors_b.reshape(-1, 4)
+            )
+            per_anchor = giou_loss(decoded, matched_boxes.reshape(-1, 4), reduction="none")
+        loss_box = torch.dot(per_anchor, foreground.reshape(-1).to(per_anchor.dtype))
         loss_box = self.box_loss_weight * loss_box / normalizer
         return {
             "loss_cls": loss_cls,

@@ -26,7 +26,7 @@ BACKGROUND = -1
 IGNORE = -2
 
 # A zero-area box far outside any image: IoU 0 and IoA 0 with every anchor.
-_PAD_BOX = (-1e6, -1e6, -1e6, -1e6)
+_PAD_BOX = (-1e6, -1e6, -1e6, -1e6)  # all four equal: see pad_boxes
 
 
 def pad_boxes(boxes: Sequence[Tensor], device: torch.device | str | None = None) -> Tensor:
@@ -34,7 +34,9 @@ def pad_boxes(boxes: Sequence[Tensor], device: torch.device | str | None = None)
     nothing. M is at least 1 so that shapes stay regular for images without boxes."""
     device = device if device is not None else (boxes[0].device if len(boxes) else "cpu")
     longest = max([1] + [len(b) for b in boxes])
-    padded = torch.tensor(_PAD_BOX, device=device).repeat(len(boxes), longest, 1)
+    # torch.full, not torch.tensor(_PAD_BOX, device=...): a tensor built from Python numbers
+    # is copied from host memory, which on a GPU waits for the device.
+    padded = torch.full((len(boxes), longest, 4), _PAD_BOX[0], device=device)
     for i, b in enumerate(boxes):  # a loop over images, not anchors
         padded[i, : len(b)] = b.to(device=device, dtype=padded.dtype)
     return padded
@@ -122,7 +124,8 @@ class AnchorMatcher:
         matches = torch.cat(matches)
         if crowd_boxes is not None and crowd_boxes.numel():
             covered = pairwise_ioa(crowd_boxes, anchors).amax(dim=1) >= self.crowd_ioa_threshold
-            matches[covered & (matches == BACKGROUND)] = IGNORE
+            # torch.where, not boolean indexing: indexing by a mask needs its count on the host.
+            matches = torch.where(covered & (matches == BACKGROUND), IGNORE, matches)
         return matches
 
     def _match(self, anchors: Tensor, gt_boxes: Tensor) -> Tensor:

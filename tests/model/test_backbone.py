@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from retinanet.model.backbone import ResNetBackbone
+from retinanet.model.norm import FrozenBatchNorm2d, GroupNorm
 
 STAGES = ("stem", "res2", "res3", "res4", "res5")
 
@@ -47,7 +47,7 @@ def test_frozen_stage_statistics_do_not_move_in_training():
 
 @pytest.mark.parametrize(
     ("norm", "layer"),
-    [("frozen_bn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d), ("gn", nn.GroupNorm)],
+    [("frozen_bn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d), ("gn", GroupNorm)],
 )
 def test_norm_choice(norm, layer):
     backbone = ResNetBackbone(depth=18, norm=norm, freeze_at=0)

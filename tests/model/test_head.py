@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from retinanet.model.head import RetinaNetHead
+from retinanet.model.norm import GroupNorm
 
 
 def test_output_layout_channel_a_times_k_plus_k_is_anchor_a_class_k():
@@ -64,7 +65,7 @@ def test_initialisation_follows_the_paper():
 def test_group_norm_head():
     head = RetinaNetHead(64, 9, 3, norm="gn")
     block = head.cls_subnet[0]
-    assert [type(m) for m in block] == [nn.Conv2d, nn.GroupNorm, nn.ReLU]
+    assert [type(m) for m in block] == [nn.Conv2d, GroupNorm, nn.ReLU]
     assert block[0].bias is None and block[1].num_groups == 32
     cls_logits, box_deltas = head([torch.randn(1, 64, 4, 4)])
     assert cls_logits.shape == (1, 144, 3) and box_deltas.shape == (1, 144, 4)

@@ -220,15 +220,19 @@ def test_smooth_l1_closed_form_and_beta_zero_is_l1():
     torch.testing.assert_close(smooth_l1_loss(a, b, beta=0.0), (a - b).abs().sum())
 
 
-def test_giou_loss_matches_torchvision():
+def test_giou_loss_matches_torchvision_per_box_and_in_total():
     g = torch.Generator().manual_seed(0)
     corners = torch.rand(100, 2, 2, generator=g) * 50
     boxes = torch.cat([corners[:, 0], corners[:, 0] + 1 + 20 * torch.rand(100, 2, generator=g)], 1)
     targets = torch.cat(
         [corners[:, 1], corners[:, 1] + 1 + 20 * torch.rand(100, 2, generator=g)], 1
     )
-    expected = torchvision.ops.generalized_box_iou_loss(boxes, targets, reduction="sum")
-    torch.testing.assert_close(giou_loss(boxes, targets), expected, rtol=1e-5, atol=1e-5)
+    expected = torchvision.ops.generalized_box_iou_loss(boxes, targets, reduction="none")
+    torch.testing.assert_close(giou_loss(boxes, targets, reduction="none"), expected)
+    per_box = giou_loss(boxes.bfloat16(), targets, reduction="none")
+    assert per_box.shape == (100,) and per_box.dtype == torch.float32
+    assert bool(((per_box >= 0) & (per_box <= 2)).all())
+    torch.testing.assert_close(per_box.sum(), giou_loss(boxes.bfloat16(), targets))
 
 
 def test_giou_loss_hand_computed():
