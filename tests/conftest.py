@@ -35,3 +35,52 @@ def cocoapi_fake_dir() -> Path:
     `results/instances_val2014_fakebbox100_results.json` and
     `expected_stats_pycocotools_2.0.11.json`."""
     return _shared_subdir("cocoapi_fake_results")
+
+
+class FakeCuda:
+    """What `fake_cuda` pretends: `count` GPUs of compute capability `capability`, the
+    current one `current`; `set_device_calls` records the indices torch.cuda.set_device passed
+    to the driver."""
+
+    def __init__(self) -> None:
+        self.count = 2
+        self.current = 0
+        self.capability = (8, 0)
+        self.name = "Fake GPU"
+        self.set_device_calls: list[int] = []
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch) -> FakeCuda:
+    """CUDA as the code sees it through torch.cuda, on a machine without a GPU. Only the
+    driver-level functions are replaced: torch.cuda.set_device, get_device_capability and
+    get_device_name stay PyTorch's own, so an argument they reject (a CUDA device without an
+    index, say) fails here as it would on a GPU."""
+    import types
+
+    import torch
+    from torch.cuda._utils import _get_device_index
+
+    fake = FakeCuda()
+
+    def properties(device=None):
+        index = _get_device_index(device, optional=True)
+        if not 0 <= index < fake.count:
+            raise AssertionError(f"invalid device ordinal {index}")
+        major, minor = fake.capability
+        return types.SimpleNamespace(major=major, minor=minor, name=fake.name, total_memory=2**34)
+
+    def set_device(index: int) -> None:
+        if not 0 <= index < fake.count:
+            raise AssertionError(f"invalid device ordinal {index}")
+        fake.set_device_calls.append(index)
+        fake.current = index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: fake.count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return fake

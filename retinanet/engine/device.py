@@ -58,8 +58,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     else:
         index = device.index
     if not 0 <= index < count:
-        where = f"LOCAL_RANK={rank}" if device.index is None and rank is not None else str(spec)
-        raise ValueError(f"{where}: no such GPU; this machine has {count} CUDA device(s)")
+        where = f"LOCAL_RANK={rank}" if device.index is None and rank is not None else f"{spec!r}"
+        raise ValueError(f"--device {where}: no such GPU; this machine has {count} CUDA device(s)")
     return torch.device("cuda", index)
 
 

@@ -161,6 +161,16 @@ def train_step(parts: StepParts, batch: Batch, progress: float) -> tuple[dict[st
     return losses, True
 
 
+def setup_device(device: str, amp: str, cudnn_benchmark: bool) -> tuple[torch.device, str]:
+    """This process's device (joining the process group under torchrun) and the resolved
+    autocast choice ('', 'bf16' or 'fp16'); an impossible choice fails here, before any data
+    is read."""
+    torch_device = init_distributed(device)
+    amp = resolve_amp(amp, torch_device)
+    configure_cudnn(cudnn_benchmark)
+    return torch_device, amp
+
+
 def wrap_distributed(
     model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = False
 ) -> torch.nn.Module:
@@ -178,13 +188,13 @@ def wrap_distributed(
     )
 
 
-def compile_network(model: RetinaNet) -> RetinaNet:
+def compile_network(model: RetinaNet, backend: str = "inductor") -> RetinaNet:
     """torch.compile the backbone, FPN and head in place (parameter names unchanged, so
     checkpoints are the same). The loss stays eager: it changes with the training progress
     (gamma schedules) and would recompile. Image sizes that vary make the compiler switch to
     dynamic shapes after the first new size instead of compiling one graph per size."""
     for part in (model.backbone, model.fpn, model.head):
-        part.compile()
+        part.compile(backend=backend)
     return model
 
 
@@ -207,9 +217,7 @@ def train(
         no evaluation): for time-boxed jobs and for testing resume.
     """
     output_dir = Path(output_dir)
-    torch_device = init_distributed(device)
-    amp = resolve_amp(cfg.train.amp, torch_device)  # fails early on an impossible choice
-    configure_cudnn(cfg.train.cudnn_benchmark)
+    torch_device, amp = setup_device(device, cfg.train.amp, cfg.train.cudnn_benchmark)
     check_trainable(cfg)
     world_size, rank = get_world_size(), get_rank()
     if cfg.train.batch_size % world_size:

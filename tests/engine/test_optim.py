@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from retinanet.engine.optim import build_lr_scheduler, build_optimizer, lr_factor, parameter_groups
+from retinanet.engine.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    lr_factor,
+    optimizer_implementation,
+    parameter_groups,
+)
 
 
 def test_step_schedule_with_linear_warmup():
@@ -65,3 +71,39 @@ def test_unknown_optimizer_is_named():
 def test_adamw_betas():
     opt = build_optimizer(nn.Linear(1, 1), "adamw", 1e-3, 0.05, adam_betas=(0.8, 0.9))
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_implementations_give_the_same_updates(name):
+    """fused, foreach and for_loop are kernels for one update rule: after a few steps on the
+    same gradients the weights agree to float rounding."""
+    results = {}
+    for implementation in ("fused", "foreach", "for_loop"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1))
+        opt = build_optimizer(model, name, 0.05, 1e-2, implementation=implementation)
+        assert optimizer_implementation(opt) == implementation
+        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        results[implementation] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(results["fused"], results["for_loop"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["foreach"], results["for_loop"], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_implementation_prefers_fused_and_falls_back(monkeypatch):
+    assert optimizer_implementation(build_optimizer(nn.Linear(2, 2), "adamw", 1e-3, 0.0)) == "fused"
+
+    class NoFused(torch.optim.SGD):  # a PyTorch (or device) without a fused SGD
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` is not supported for this device")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", NoFused)
+    opt = build_optimizer(nn.Linear(2, 2), "sgd", 0.1, 0.0)
+    assert optimizer_implementation(opt) == "foreach"
+    with pytest.raises(ValueError, match="optimizer_impl=fused.*not supported"):
+        build_optimizer(nn.Linear(2, 2), "sgd", 0.1, 0.0, implementation="fused")
