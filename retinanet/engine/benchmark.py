@@ -13,11 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torchvision.models import resnet50
 from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.retinanet import RetinaNet as TorchvisionRetinaNet
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..config import load_config
+from ..data.collate import Batch
 from ..model.build import build_model
 from ..model.retinanet import RetinaNet
+from .optim import build_optimizer
+from .precision import autocast
+from .trainer import StepParts, train_step
 
 
 @dataclass
@@ -211,19 +220,72 @@ def benchmark_postprocess(
     return Comparison(name, ours_s, ref_s, 0.5)
 
 
+@dataclass
+class TrainStepComparison(Comparison):
+    """A training-step comparison with each side's peak device memory (CUDA only)."""
+
+    ours_peak_mib: float | None = None
+    torchvision_peak_mib: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            **super().to_dict(),
+            "ours_peak_mib": self.ours_peak_mib,
+            "torchvision_peak_mib": self.torchvision_peak_mib,
+        }
+
+
+def _peak_mib(step: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory allocated on the device during one call of `step` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def torchvision_finetuning_retinanet(
+    num_classes: int, height: int = 800, width: int = 1333
+) -> torch.nn.Module:
+    """torchvision's retinanet_resnet50_fpn as it is built to fine-tune from ImageNet weights
+    (frozen BatchNorm, stem and res2 frozen: trainable_backbone_layers=3), with random
+    weights; our R50 recipes freeze the same layers. (Without backbone weights torchvision
+    would switch to trainable BatchNorm and train every stage, a different workload.) Its
+    resize is set to leave (height, width) images at their size, as ours does."""
+    backbone = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(
+        backbone, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+    )
+    return TorchvisionRetinaNet(
+        backbone, num_classes, min_size=min(height, width), max_size=max(height, width)
+    )
+
+
 def benchmark_train_step(
     device: torch.device,
     batch: int = 2,
     height: int = 800,
     width: int = 1088,
+    amp: str = "",
+    channels_last: bool = False,
     repeats: int = 3,
     seed: int = 0,
-) -> Comparison:
-    """Whole-model forward + loss + backward of ResNet-50-FPN RetinaNet, ours vs torchvision."""
+    target_ratio: float | None = None,
+) -> TrainStepComparison:
+    """A whole ResNet-50-FPN RetinaNet training step, ours vs torchvision's, on the same
+    images and boxes: forward (under the same autocast), loss, backward and an SGD step.
+    Ours runs as training does (fused optimizer, channels-last when asked, frozen BatchNorm in
+    the activation dtype); torchvision's as its reference scripts do (foreach SGD)."""
     g = torch.Generator().manual_seed(seed)
-    ours, reference, _, _ = _setup(80, height, width, device)
+    ours, _, _, _ = _setup(80, height, width, device)
+    reference = torchvision_finetuning_retinanet(80, height, width).to(device)
     ours.train()
     reference.train()
+    if channels_last:
+        ours.use_channels_last()
+        reference.to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8).to(
         device
     )
@@ -232,16 +294,36 @@ def benchmark_train_step(
         {k: v.to(device) for k, v in t.items()}
         for t in random_targets(batch, height, width, 20, 80, g)
     ]
+    for t in targets:
+        t["crowd_boxes"] = torch.zeros(0, 4, device=device)
+    step_batch = Batch(images, sizes, targets, list(range(batch)), [(height, width)] * batch)
+    parts = StepParts(ours, ours, build_optimizer(ours, "sgd", 1e-4, 1e-4), amp, device)
+    reference_optimizer = torch.optim.SGD(
+        [p for p in reference.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
+    )
+    float_images = [im.float() / 255 for im in images]
+    reference_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
 
     def ours_step() -> None:
-        losses = ours.losses(ours(images, sizes), targets)
-        (losses["loss_cls"] + losses["loss_box"]).backward()
-
-    float_images = [im.float() / 255 for im in images]
+        train_step(parts, step_batch, progress=0.5)
 
     def reference_step() -> None:
-        losses = reference(float_images, targets)
+        reference_optimizer.zero_grad(set_to_none=True)
+        with autocast(amp, device):
+            losses = reference(float_images, reference_targets)
         sum(losses.values()).backward()
+        reference_optimizer.step()
 
     ours_s, ref_s = time_alternating(ours_step, reference_step, repeats, device)
-    return Comparison(f"train step R50-FPN (batch {batch}, {height}x{width})", ours_s, ref_s)
+    ours_peak = _peak_mib(ours_step, device)
+    reference_peak = _peak_mib(reference_step, device)
+    precision = amp or "fp32"
+    layout = ", channels-last" if channels_last else ""
+    return TrainStepComparison(
+        f"train step R50-FPN (batch {batch}, {height}x{width}, {precision}{layout})",
+        ours_s,
+        ref_s,
+        target_ratio,
+        ours_peak,
+        reference_peak,
+    )

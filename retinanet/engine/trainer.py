@@ -174,12 +174,19 @@ def setup_device(device: str, amp: str, cudnn_benchmark: bool) -> tuple[torch.de
 def wrap_distributed(
     model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = False
 ) -> torch.nn.Module:
-    """DistributedDataParallel around `model` when there are several processes, else `model`.
-    Gradients live in DDP's communication buckets (gradient_as_bucket_view: no copy in and out
-    of the buckets, less memory); buffers are not broadcast before every forward unless asked
-    (frozen BatchNorm's never change, and a broadcast per step costs a collective)."""
+    """`ddp_model(model, ...)` when there are several processes, else `model`."""
     if get_world_size() == 1:
         return model
+    return ddp_model(model, device, broadcast_buffers)
+
+
+def ddp_model(
+    model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = False
+) -> DistributedDataParallel:
+    """DistributedDataParallel around `model`. Gradients live in DDP's communication buckets
+    (gradient_as_bucket_view: no copy in and out of the buckets, less memory); buffers are not
+    broadcast before every forward unless asked (frozen BatchNorm's never change, and a
+    broadcast per step costs a collective)."""
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,

@@ -49,6 +49,7 @@ def test_to_moves_every_tensor():
     assert batch.image_ids == [1]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA")
 def test_pin_memory():
     batch = collate_detection([_sample(10, 10, 1, 1, 1)]).pin_memory()

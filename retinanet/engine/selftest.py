@@ -1,0 +1,311 @@
+"""A one-shot check of the GPU path on a machine with a GPU (and of the same code on CPU).
+
+Parts, each reported as ok / failed / skipped (with the reason) in one JSON report:
+- environment: versions, device, the optional packages the data path needs;
+- cuda_tests: the tests marked `cuda` (pytest -m cuda);
+- host_syncs: waits for the device per non-logging training step, from the driver
+  (torch.cuda.set_sync_debug_mode) on a GPU and from HostSyncCounter everywhere;
+- ddp: a one-process torchrun job through DistributedDataParallel (NCCL on a GPU, gloo on CPU);
+- train_shapes: the shapes recipe trained in bf16 (where native) and its COCO AP;
+- benchmark: our R50-FPN training step against torchvision's, side by side, with peak memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .device import device_name, resolve_device
+from .files import atomic_write_json
+from .host_sync import HostSyncCounter
+
+REPO = Path(__file__).resolve().parents[2]
+DATA_PACKAGES = ("albumentations", "pycocotools", "cv2")
+
+
+@dataclass
+class SelfTestOptions:
+    device: str = "auto"
+    quick: bool = False  # CPU-sized work: a few iterations, small images
+    parts: tuple[str, ...] = ("environment", "cuda_tests", "host_syncs", "ddp", "train_shapes",
+                              "benchmark")  # fmt: skip
+    output_dir: Path = field(default_factory=lambda: Path("runs/gpu_selftest"))
+
+
+class Skipped(Exception):
+    """A part that cannot run here; the message says why."""
+
+
+def missing_packages() -> list[str]:
+    return [name for name in DATA_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def _require_data_packages() -> None:
+    missing = missing_packages()
+    if missing:
+        raise Skipped(
+            f"{', '.join(missing)} not installed (the data path needs them): "
+            "pip install albumentations pycocotools opencv-python-headless, or install "
+            "their wheels carried to this machine"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Parts
+# --------------------------------------------------------------------------------------------
+
+
+def check_environment(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
+    report = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "missing_packages": missing_packages(),
+    }
+    if device.type == "cuda":
+        report["cuda"] = torch.version.cuda
+        report["total_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    else:
+        report["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        report["threads"] = torch.get_num_threads()
+    return report
+
+
+def run_cuda_tests(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
+    if device.type != "cuda":
+        raise Skipped("no CUDA device")
+    if importlib.util.find_spec("pytest") is None:
+        raise Skipped("pytest not installed")
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+               str(REPO / "tests")]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    tail = (run.stdout + run.stderr).strip().splitlines()[-15:]
+    if run.returncode not in (0, 5):
+        raise RuntimeError("cuda tests failed:\n" + "\n".join(tail))
+    return {"summary": tail[-1] if tail else "", "returncode": run.returncode}
+
+
+def count_host_syncs(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
+    """Training steps of the shapes-recipe network on a random batch (no dataset needed):
+    syncs per step after a warm-up step, and peak memory."""
+    from ..config import load_config
+    from .precision import resolve_amp
+    from .trainer import train_step
+
+    cfg = load_config(REPO / "configs" / "shapes.yaml", ["train.amp=auto"])
+    amp = resolve_amp(cfg.train.amp, device)
+    parts, batch = _synthetic_step(cfg, device, amp, batch_size=8 if options.quick else 16)
+    train_step(parts, batch, progress=0.0)
+    counted, driver_warnings = [], []
+    for i in range(1, 4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    train_step(parts, batch, progress=i / 4)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+            driver_warnings.append(len(syncs))
+        with HostSyncCounter() as counter:
+            train_step(parts, batch, progress=i / 4)
+        counted.append(counter.total)
+    report: dict[str, Any] = {"amp": amp or "fp32", "counted_syncs_per_step": counted,
+                              "budget": 1}  # fmt: skip
+    if device.type == "cuda":
+        report["driver_syncs_per_step"] = driver_warnings
+        report["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if max(counted + driver_warnings) > 1:
+        raise RuntimeError(f"more than 1 host sync per step: {report}")
+    return report
+
+
+def run_ddp(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
+    """A one-process torchrun job: the process group (NCCL on a GPU), DDP's gradient
+    all-reduce and our wrapper, on synthetic batches."""
+    report_file = options.output_dir / "ddp_worker.json"
+    report_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "1", str(REPO / "tools" / "gpu_selftest.py"), "--ddp-worker", str(report_file),
+               "--device", "cuda" if device.type == "cuda" else "cpu"]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if run.returncode != 0 or not report_file.is_file():
+        tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
+        raise RuntimeError(f"torchrun job failed (exit {run.returncode}):\n{tail}")
+    return json.loads(report_file.read_text())
+
+
+def ddp_worker(report_file: str, device_spec: str) -> None:
+    """Run inside torchrun by `run_ddp`."""
+    import torch.distributed as dist
+
+    from ..config import load_config
+    from .distributed import init_distributed, shutdown_distributed
+    from .precision import resolve_amp
+    from .trainer import ddp_model, train_step
+
+    device = init_distributed(device_spec)
+    try:
+        cfg = load_config(REPO / "configs" / "shapes.yaml", ["train.amp=auto"])
+        amp = resolve_amp(cfg.train.amp, device)
+        parts, batch = _synthetic_step(cfg, device, amp, batch_size=4)
+        parts.forward_model = ddp_model(parts.model, device)
+        losses = [float(train_step(parts, batch, progress=i / 5)[0]["loss"]) for i in range(5)]
+        report = {
+            "backend": dist.get_backend(),
+            "world_size": dist.get_world_size(),
+            "ddp": type(parts.forward_model).__name__,
+            "losses": losses,
+            "loss_decreased": losses[-1] < losses[0],
+        }
+        atomic_write_json(report_file, report)
+    finally:
+        shutdown_distributed()
+
+
+def train_shapes(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
+    _require_data_packages()
+    from ..config import load_config
+    from .trainer import train
+
+    output = options.output_dir / "shapes"
+    overrides = ["train.amp=auto", f"data.num_workers={min(8, os.cpu_count() or 1)}"]
+    if options.quick:
+        overrides += [
+            f"data.synthetic.root={options.output_dir / 'shapes_quick_data'}",
+            "data.synthetic.num_train=32", "data.synthetic.num_val=8",
+            "data.synthetic.image_size=64", "input.min_size=[64]", "input.max_size=64",
+            "input.test_min_size=64", "input.test_max_size=64", "train.max_iter=4",
+            "train.batch_size=4", "train.warmup_iters=1", "train.log_period=2",
+            "model.fpn.channels=16", "model.anchors.sizes=[8,16,32,64,128]", "data.num_workers=0",
+        ]  # fmt: skip
+    cfg = load_config(REPO / "configs" / "shapes.yaml", overrides)
+    start = time.perf_counter()
+    result = train(cfg, output, device=str(device), progress=False)
+    seconds = time.perf_counter() - start
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    times = [json.loads(x)["time"] for x in lines if '"time"' in x]
+    metrics = result.metrics
+    return {
+        "iterations": result.iterations,
+        "minutes_total": seconds / 60,
+        "seconds_per_iteration": times[-1] if times else None,
+        "AP": metrics.AP if metrics else None,
+        "AP50": metrics.AP50 if metrics else None,
+        "peak_memory_mib": (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        ),
+    }
+
+
+def run_benchmark(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
+    from .benchmark import benchmark_train_step
+    from .precision import resolve_amp
+
+    amp = resolve_amp("auto", device)
+    if options.quick or device.type != "cuda":
+        comparison = benchmark_train_step(device, batch=1, height=256, width=320, amp=amp,
+                                          channels_last=True, repeats=2)  # fmt: skip
+    else:
+        comparison = benchmark_train_step(device, batch=16, height=800, width=1344, amp=amp,
+                                          channels_last=True, repeats=3,
+                                          target_ratio=1 / 2.5)  # fmt: skip
+    return comparison.to_dict()
+
+
+PARTS: dict[str, Callable[[torch.device, SelfTestOptions], dict[str, Any]]] = {
+    "environment": check_environment,
+    "cuda_tests": run_cuda_tests,
+    "host_syncs": count_host_syncs,
+    "ddp": run_ddp,
+    "train_shapes": train_shapes,
+    "benchmark": run_benchmark,
+}
+
+
+def run_selftest(options: SelfTestOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the parts in order; a failing part is reported and the others still run. The report
+    is written to options.output_dir / report.json and returned."""
+    device = resolve_device(options.device)
+    options.output_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"device": str(device), "quick": options.quick, "parts": {}}
+    start = time.perf_counter()
+    for name in options.parts:
+        part_start = time.perf_counter()
+        try:
+            entry = {"status": "ok", **PARTS[name](device, options)}
+        except Skipped as reason:
+            entry = {"status": "skipped", "reason": str(reason)}
+        except Exception as err:  # noqa: BLE001 - report and go on with the other parts
+            entry = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                     "traceback": traceback.format_exc(limit=8)}  # fmt: skip
+        entry["seconds"] = round(time.perf_counter() - part_start, 1)
+        report["parts"][name] = entry
+        detail = entry.get("reason") or entry.get("error") or ""
+        echo(f"{name}: {entry['status']} ({entry['seconds']} s) {detail}".rstrip())
+        atomic_write_json(options.output_dir / "report.json", report)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    report["ok"] = all(p["status"] != "failed" for p in report["parts"].values())
+    atomic_write_json(options.output_dir / "report.json", report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _version(package: str) -> str | None:
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
+
+
+def _synthetic_step(cfg, device: torch.device, amp: str, batch_size: int):
+    """StepParts for `cfg`'s model on `device` and a random shapes-sized batch there."""
+    from ..data.collate import Batch
+    from ..model.build import build_model
+    from .optim import build_optimizer
+    from .precision import grad_scaler
+    from .trainer import StepParts
+
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=7).to(device)
+    if cfg.train.channels_last:
+        model.use_channels_last()
+    model.train()
+    t = cfg.train
+    optimizer = build_optimizer(model, t.optimizer, t.base_lr, t.weight_decay,
+                                t.weight_decay_norm, t.momentum, t.adam_betas,
+                                t.optimizer_impl)  # fmt: skip
+    size = max(cfg.input.min_size)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8)
+    targets = []
+    for _ in range(batch_size):
+        xy = torch.rand(5, 2, generator=g) * size * 0.6
+        wh = 8 + torch.rand(5, 2, generator=g) * size * 0.3
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
+                        "labels": torch.randint(0, 7, (5,), generator=g),
+                        "crowd_boxes": torch.zeros(0, 4)})  # fmt: skip
+    sizes = torch.tensor([[size, size]] * batch_size)
+    batch = Batch(images, sizes, targets, list(range(batch_size)), [(size, size)] * batch_size)
+    scaler = grad_scaler(amp, device)
+    parts = StepParts(model, model, optimizer, amp, device, scaler, t.clip_grad_norm)
+    return parts, batch.to(device)
