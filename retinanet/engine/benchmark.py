@@ -6,11 +6,16 @@ processes on a shared machine hits both alike, and reports medians and their rat
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torchvision.models import resnet50
@@ -20,12 +25,12 @@ from torchvision.models.detection.retinanet import RetinaNet as TorchvisionRetin
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..data.collate import Batch
 from ..model.build import build_model
 from ..model.retinanet import RetinaNet
 from .optim import build_optimizer
-from .precision import autocast
+from .precision import autocast, grad_scaler, resolve_amp
 from .trainer import StepParts, train_step
 
 
@@ -327,3 +332,154 @@ def benchmark_train_step(
         ours_peak,
         reference_peak,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A recipe's own training step: precision modes and torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_training_step(
+    cfg: Config, device: torch.device, amp: str, batch_size: int | None = None
+) -> tuple[StepParts, Batch]:
+    """StepParts for `cfg`'s model (7 classes, as the shapes dataset) built as the trainer
+    builds it, and a random batch of the recipe's input size with 5 boxes per image, both on
+    `device`."""
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=7).to(device)
+    if cfg.train.channels_last:
+        model.use_channels_last()
+    model.train()
+    t = cfg.train
+    optimizer = build_optimizer(model, t.optimizer, t.base_lr, t.weight_decay,
+                                t.weight_decay_norm, t.momentum, t.adam_betas,
+                                t.optimizer_impl)  # fmt: skip
+    batch_size = batch_size or t.batch_size
+    size = max(cfg.input.min_size)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8)
+    targets = []
+    for _ in range(batch_size):
+        xy = torch.rand(5, 2, generator=g) * size * 0.6
+        wh = size / 24 + torch.rand(5, 2, generator=g) * size * 0.3
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
+                        "labels": torch.randint(0, 7, (5,), generator=g),
+                        "crowd_boxes": torch.zeros(0, 4)})  # fmt: skip
+    sizes = torch.tensor([[size, size]] * batch_size)
+    batch = Batch(images, sizes, targets, list(range(batch_size)), [(size, size)] * batch_size)
+    parts = StepParts(model, model, optimizer, amp, device, grad_scaler(amp, device),
+                      t.clip_grad_norm)  # fmt: skip
+    return parts, batch.to(device)
+
+
+def time_recipe_step(
+    config: str | Path, device: torch.device, amp: str, steps: int = 10, warmup: int = 2
+) -> list[float]:
+    """Seconds of each of `steps` training steps of the recipe `config` (model step only: a
+    synthetic batch already on the device, no data loading), after `warmup` steps."""
+    cfg = load_config(config, [f"train.amp={amp}"])
+    parts, batch = synthetic_training_step(cfg, device, resolve_amp(amp, device))
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        train_step(parts, batch, progress=i / (warmup + steps))
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# The common CPU without AVX-512, emulated on any x86 CPU: oneDNN and ATen restricted to AVX2.
+AVX2_ENVIRONMENT = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+@dataclass
+class ModeComparison:
+    """Median seconds per training step of one recipe in several modes, measured in
+    alternating rounds."""
+
+    name: str
+    seconds: dict[str, float]
+    details: dict[str, str]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seconds": self.seconds, "details": self.details}
+
+
+def benchmark_recipe_modes(config: str | Path, steps: int = 10, rounds: int = 2) -> ModeComparison:
+    """The recipe's CPU training step as this CPU runs it (train.amp=auto: bf16 where native)
+    and as a CPU with AVX2 only runs it (fp32, oneDNN/ATen limited to AVX2), each mode in its
+    own process (the ISA limit is read at start-up), alternating `rounds` times."""
+    modes = {
+        "native_auto": ({}, "auto"),
+        "avx2_fp32": (AVX2_ENVIRONMENT, ""),
+    }
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    details: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, (env, amp) in modes.items():
+            command = [sys.executable, "-m", "retinanet.engine.benchmark", "--recipe-step",
+                       str(config), "--amp", amp, "--steps", str(steps)]  # fmt: skip
+            run = subprocess.run(
+                command, env={**os.environ, **env}, capture_output=True, text=True, check=False
+            )
+            if run.returncode != 0:
+                raise RuntimeError(f"{name} step timing failed: {run.stderr[-2000:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            times[name] += result["times"]
+            details[name] = f"{result['amp']} on {result['cpu_capability']}"
+    return ModeComparison(
+        f"{Path(config).name} training step (batch from the recipe, model only)",
+        {name: statistics.median(t) for name, t in times.items()},
+        details,
+    )
+
+
+def benchmark_compile(
+    config: str | Path, device: torch.device, amp: str = "auto", repeats: int = 5
+) -> Comparison:
+    """The recipe's training step with train.compile (inductor) against eager, alternating
+    (Comparison's `torchvision_s` holds the eager time here). Compilation itself, before the
+    timing, is reported in the name."""
+    cfg = load_config(config, [f"train.amp={amp}"])
+    amp = resolve_amp(amp, device)
+    eager, batch = synthetic_training_step(cfg, device, amp)
+    compiled, _ = synthetic_training_step(cfg, device, amp)
+    from .trainer import compile_network
+
+    compile_network(compiled.model)
+    start = time.perf_counter()
+    train_step(compiled, batch, progress=0.0)
+    train_step(compiled, batch, progress=0.1)
+    compile_s = time.perf_counter() - start
+    ours_s, eager_s = time_alternating(
+        lambda: train_step(compiled, batch, 0.5), lambda: train_step(eager, batch, 0.5),
+        repeats, device,
+    )  # fmt: skip
+    return Comparison(
+        f"{Path(config).name} step compiled vs eager ({amp or 'fp32'}; compiling took "
+        f"{compile_s:.0f} s)",
+        ours_s,
+        eager_s,
+        1.0,
+    )
+
+
+def _recipe_step_main(argv: list[str]) -> None:
+    """Entry point of the per-mode processes of `benchmark_recipe_modes`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe-step", required=True)
+    parser.add_argument("--amp", default="")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    times = time_recipe_step(args.recipe_step, device, args.amp, args.steps)
+    print(json.dumps({"times": times, "amp": resolve_amp(args.amp, device) or "fp32",
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability()}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    _recipe_step_main(sys.argv[1:])

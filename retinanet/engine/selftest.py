@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .benchmark import synthetic_training_step
 from .device import device_name, resolve_device
 from .files import atomic_write_json
 from .host_sync import HostSyncCounter
@@ -109,7 +110,7 @@ def count_host_syncs(device: torch.device, options: SelfTestOptions) -> dict[str
 
     cfg = load_config(REPO / "configs" / "shapes.yaml", ["train.amp=auto"])
     amp = resolve_amp(cfg.train.amp, device)
-    parts, batch = _synthetic_step(cfg, device, amp, batch_size=8 if options.quick else 16)
+    parts, batch = synthetic_training_step(cfg, device, amp, batch_size=8 if options.quick else 16)
     train_step(parts, batch, progress=0.0)
     counted, driver_warnings = [], []
     for i in range(1, 4):
@@ -165,7 +166,7 @@ def ddp_worker(report_file: str, device_spec: str) -> None:
     try:
         cfg = load_config(REPO / "configs" / "shapes.yaml", ["train.amp=auto"])
         amp = resolve_amp(cfg.train.amp, device)
-        parts, batch = _synthetic_step(cfg, device, amp, batch_size=4)
+        parts, batch = synthetic_training_step(cfg, device, amp, batch_size=4)
         parts.forward_model = ddp_model(parts.model, device)
         losses = [float(train_step(parts, batch, progress=i / 5)[0]["loss"]) for i in range(5)]
         report = {
@@ -275,37 +276,3 @@ def _version(package: str) -> str | None:
         return __import__(package).__version__
     except ImportError:
         return None
-
-
-def _synthetic_step(cfg, device: torch.device, amp: str, batch_size: int):
-    """StepParts for `cfg`'s model on `device` and a random shapes-sized batch there."""
-    from ..data.collate import Batch
-    from ..model.build import build_model
-    from .optim import build_optimizer
-    from .precision import grad_scaler
-    from .trainer import StepParts
-
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=7).to(device)
-    if cfg.train.channels_last:
-        model.use_channels_last()
-    model.train()
-    t = cfg.train
-    optimizer = build_optimizer(model, t.optimizer, t.base_lr, t.weight_decay,
-                                t.weight_decay_norm, t.momentum, t.adam_betas,
-                                t.optimizer_impl)  # fmt: skip
-    size = max(cfg.input.min_size)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8)
-    targets = []
-    for _ in range(batch_size):
-        xy = torch.rand(5, 2, generator=g) * size * 0.6
-        wh = 8 + torch.rand(5, 2, generator=g) * size * 0.3
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
-                        "labels": torch.randint(0, 7, (5,), generator=g),
-                        "crowd_boxes": torch.zeros(0, 4)})  # fmt: skip
-    sizes = torch.tensor([[size, size]] * batch_size)
-    batch = Batch(images, sizes, targets, list(range(batch_size)), [(size, size)] * batch_size)
-    scaler = grad_scaler(amp, device)
-    parts = StepParts(model, model, optimizer, amp, device, scaler, t.clip_grad_norm)
-    return parts, batch.to(device)
