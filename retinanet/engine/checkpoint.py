@@ -12,6 +12,7 @@ at the newest; the finished run also writes `model_final.pth`.
 
 from __future__ import annotations
 
+import pickle
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,9 +52,12 @@ class ClassInfo:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU (and CUDA) generator states, for exact resume."""
+    # Stored as tensors, lists and numbers only, so that checkpoints load with
+    # torch.load(weights_only=True), which refuses to run code from the file.
+    kind, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 - the global state is what we restore
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -63,8 +67,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    keys = np.asarray(keys.numpy() if torch.is_tensor(keys) else keys, dtype=np.uint32)
+    np.random.set_state((kind, keys, position, has_gauss, cached))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -121,10 +128,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # Training checkpoints hold numpy/python RNG states, hence weights_only=False; only
-        # load checkpoints you trust, as with any pickle.
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling error means an unreadable file
+        # weights_only: tensors, containers and numbers, never code. A file that needs more
+        # (a crafted pickle, or a foreign format) is refused without executing anything.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors, containers and "
+            "numbers, which could run code on loading (checkpoints of this project before "
+            "version 0.2 stored NumPy arrays: re-save them with a trusted older version, or "
+            f"convert foreign weights with tools/convert.py). Detail: {err}"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - any other reading error means an unreadable file
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     missing = (
         [k for k in ("model", "config", "classes") if k not in state]

@@ -145,3 +145,44 @@ def test_initial_weights_of_another_architecture_name_file_and_tensor(tmp_path):
         load_initial_weights(wider, path, CLASSES)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_initial_weights(wider, tmp_path / "nowhere.pth", CLASSES)
+
+
+class _CreatesAFile:
+    """A pickle payload that would create a file when unpickled."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+
+    target = tmp_path / "pwned"
+    crafted = tmp_path / "model_final.pth"
+    with open(crafted, "wb") as f:
+        pickle.dump({"model": _CreatesAFile(target), "config": {}, "classes": {}}, f)
+    with pytest.raises(ValueError, match=r"refusing to load .*model_final\.pth"):
+        load_checkpoint(crafted)
+    assert not target.exists()
+    # Through a tool too: a clear error, nothing executed.
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    import cv2
+    import numpy as np
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "predict.py"), "--weights", str(crafted),
+         "--input", str(images), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and "refusing to load" in run.stderr
+    assert not target.exists()
