@@ -121,6 +121,38 @@ def find_last_checkpoint(output_dir: str | Path) -> Path | None:
     return path
 
 
+def load_resume_checkpoint(
+    output_dir: str | Path, warn: Any = print
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest readable training checkpoint of `output_dir` and its state, for --resume:
+    the one `last_checkpoint` names, else (when it is missing, cut short or unreadable) the
+    periodic checkpoints from the newest down, each skipped with a message saying why.
+    (None, None) for a folder without checkpoints."""
+    output_dir = Path(output_dir)
+    marker = output_dir / LAST_CHECKPOINT_FILE
+    candidates = sorted(output_dir.glob("model_[0-9]*.pth"), reverse=True)
+    if marker.is_file():
+        named = output_dir / marker.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    problems = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+            if "optimizer" not in state:
+                raise ValueError(f"{path} holds weights only, no training state")
+            if problems:
+                warn(f"resuming from {path.name}, the newest readable checkpoint; skipped: "
+                     + "; ".join(problems))  # fmt: skip
+            return path, state
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(f"{path.name} ({err})")
+    if problems:
+        raise ValueError(
+            f"no readable checkpoint to resume from in {output_dir}: " + "; ".join(problems)
+        )
+    return None, None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by this project (or by tools/convert.py), with errors that name
     the file."""

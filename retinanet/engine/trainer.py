@@ -31,6 +31,7 @@ from .checkpoint import (
     load_checkpoint,
     load_initial_weights,
     load_model_weights,
+    load_resume_checkpoint,
     mark_last_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -238,17 +239,19 @@ def train(
 
     train_set = build_dataset(cfg, "train", training=True)
     classes = ClassInfo(train_set.class_names, train_set.category_ids)
-    checkpoint_path = None
+    checkpoint_path, state = None, None
     if resume:
-        checkpoint_path = broadcast_from_main(
-            find_last_checkpoint(output_dir) if is_main_process() else None
-        )
-        if checkpoint_path is not None and not Path(checkpoint_path).is_file():
-            raise FileNotFoundError(
-                f"process {rank} cannot read {checkpoint_path}: resuming needs --output-dir on a "
-                "filesystem shared by all nodes"
-            )
-    state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+        # Rank 0 chooses (skipping a torn newest checkpoint); every process loads its choice.
+        if is_main_process():
+            checkpoint_path, state = load_resume_checkpoint(output_dir)
+        checkpoint_path = broadcast_from_main(checkpoint_path)
+        if checkpoint_path is not None and not is_main_process():
+            if not Path(checkpoint_path).is_file():
+                raise FileNotFoundError(
+                    f"process {rank} cannot read {checkpoint_path}: resuming needs --output-dir "
+                    "on a filesystem shared by all nodes"
+                )
+            state = load_checkpoint(checkpoint_path)
 
     torch.manual_seed(cfg.train.seed)
     init_weights = cfg.train.init_weights if state is None else ""

@@ -183,3 +183,21 @@ def test_training_starts_from_init_weights(tmp_path, tiny_config):
     assert any(k.startswith("head.cls_score.") for k in params)
     for key in params:
         assert torch.allclose(after[key], start[key], atol=1e-9), key
+
+
+def test_resume_skips_a_torn_newest_checkpoint(tmp_path, tiny_config, capsys):
+    full = train(tiny_config, tmp_path / "full", progress=False, evaluate=False)
+    tiny_config.train.checkpoint_period = 2
+    run_dir = tmp_path / "torn"
+    train(tiny_config, run_dir, stop_at_iteration=5, progress=False, evaluate=False)
+    newest = run_dir / "model_0000004.pth"
+    assert find_last_checkpoint(run_dir) == newest
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut short
+
+    resumed = train(tiny_config, run_dir, resume=True, progress=False, evaluate=False)
+    out = capsys.readouterr().out
+    assert "resuming from model_0000002.pth, the newest readable checkpoint" in out
+    assert "model_0000004.pth (cannot read checkpoint" in out
+    expected, got = _weights(full.final_checkpoint), _weights(resumed.final_checkpoint)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
