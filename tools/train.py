@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retinanet.config import ConfigError, load_config  # noqa: E402
 from retinanet.data import DatasetError  # noqa: E402
 from retinanet.engine.distributed import shutdown_distributed  # noqa: E402
+from retinanet.engine.signals import TrainingInterrupted  # noqa: E402
 from retinanet.engine.trainer import NonFiniteLossError, train  # noqa: E402
 
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             stop_at_iteration=args.stop_at,
             evaluate=not args.no_eval,
         )
+    except TrainingInterrupted as stopped:
+        print(str(stopped), file=sys.stderr)
+        return stopped.exit_code
     except (
         ConfigError,
         DatasetError,

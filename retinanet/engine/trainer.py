@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,6 +54,7 @@ from .files import atomic_write_text, json_safe
 from .inference import evaluate_model
 from .optim import build_lr_scheduler, build_optimizer
 from .precision import autocast, grad_scaler, resolve_amp
+from .signals import StopSignals, TrainingInterrupted
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -109,14 +112,18 @@ class MetricsLog:
             self.writer.close()
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """One host sync per iteration: is the total loss finite on every process? (A sum is finite
-    iff all its terms are; every process must take the same branch, or DDP's gradient
-    all-reduce deadlocks.)"""
-    flag = torch.isfinite(loss.detach()).to(torch.float32)
-    if get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+def _agree_to_go_on(loss: Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(is the loss finite on every process, has any process been asked to stop), with one
+    host sync per iteration: both counts travel in one number through one all_reduce. Every
+    process must take the same branch, or DDP's gradient all-reduce deadlocks. (A sum is
+    finite iff all its terms are.)"""
+    world = get_world_size()
+    # finite processes + (world + 1) * stopping processes
+    code = torch.isfinite(loss.detach()).to(torch.float64) + float((world + 1) * stop_requested)
+    if world > 1:
+        torch.distributed.all_reduce(code)
+    value = int(code.item())
+    return value % (world + 1) == world, value // (world + 1) > 0
 
 
 @dataclass
@@ -131,23 +138,35 @@ class StepParts:
     device: torch.device
     scaler: torch.amp.GradScaler | None = None
     clip_grad_norm: float = 0.0
+    # True once this process has been asked to stop (SIGTERM/SIGINT): see `StopSignals`
+    stop_requested: Callable[[], bool] = lambda: False
 
 
-def train_step(parts: StepParts, batch: Batch, progress: float) -> tuple[dict[str, Tensor], bool]:
+class StepResult(NamedTuple):
+    """losses: the loss terms (on the device); taken: False when the loss was not finite on
+    some process and nothing was updated; stop: some process was asked to stop, and this is
+    the last step (all processes agree)."""
+
+    losses: dict[str, Tensor]
+    taken: bool
+    stop: bool = False
+
+
+def train_step(parts: StepParts, batch: Batch, progress: float) -> StepResult:
     """Forward, loss, backward and optimizer step on a batch already on the device.
 
-    Returns the loss terms (on the device, not synchronised) and whether the step was taken:
-    False when the loss was not finite on some process, in which case nothing was updated.
-    The finiteness check is the step's only wait for the device (see tests/engine/
-    test_host_syncs.py); everything else is queued asynchronously."""
+    The check that the loss is finite everywhere (and whether to stop) is the step's only
+    wait for the device (see tests/engine/test_host_syncs.py); everything else is queued
+    asynchronously."""
     with autocast(parts.amp, parts.device):
         outputs = parts.forward_model(batch.images, batch.image_sizes)
     losses = parts.model.losses(outputs, batch.targets, progress=progress)
     loss = losses["loss_cls"] + losses["loss_box"]
     losses = {"loss": loss, **losses}
     parts.optimizer.zero_grad(set_to_none=True)
-    if not _finite_everywhere(loss):
-        return losses, False
+    finite, stop = _agree_to_go_on(loss, parts.stop_requested())
+    if not finite:
+        return StepResult(losses, False, stop)
     scaler = parts.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if parts.clip_grad_norm > 0:
@@ -159,7 +178,7 @@ def train_step(parts: StepParts, batch: Batch, progress: float) -> tuple[dict[st
         scaler.update()
     else:
         parts.optimizer.step()
-    return losses, True
+    return StepResult(losses, True, stop)
 
 
 def setup_device(device: str, amp: str, cudnn_benchmark: bool) -> tuple[torch.device, str]:
@@ -388,6 +407,8 @@ def train(
     )
     model.train()
     data_iter = iter(loader)
+    signals = StopSignals().__enter__()
+    step_parts.stop_requested = signals.requested
     skipped = 0
     # Loss terms summed on the device over the logging window (no host sync per iteration).
     window_sums: dict[str, torch.Tensor] = {}
@@ -398,7 +419,7 @@ def train(
             batch = next(data_iter).to(torch_device, non_blocking=True)
             data_time += time.perf_counter() - fetch_start
 
-            losses, finite = train_step(step_parts, batch, progress=iteration / max_iter)
+            losses, finite, stop = train_step(step_parts, batch, progress=iteration / max_iter)
             if finite:
                 for name, value in losses.items():
                     window_sums[name] = window_sums.get(name, 0) + value.detach()
@@ -457,8 +478,18 @@ def train(
                 and done < max_iter
             ):
                 run_evaluation(done, final=False)
+            if stop and done < end_iter:
+                if done % cfg.train.checkpoint_period:  # not saved just above
+                    save(done)
+                raise TrainingInterrupted(
+                    f"stopped by {signals.name} after iteration {done}: "
+                    f"{output_dir / f'model_{done:07d}.pth'} written; run again with --resume "
+                    "to continue",
+                    signals.received or signal.SIGTERM,
+                )
     finally:
         bar.close()
+        signals.__exit__()
 
     if end_iter < max_iter:  # stopped early on request: as if interrupted
         log.close()

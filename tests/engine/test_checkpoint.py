@@ -171,10 +171,10 @@ def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import REPO
-
     import cv2
     import numpy as np
+
+    from .conftest import REPO
 
     images = tmp_path / "images"
     images.mkdir()

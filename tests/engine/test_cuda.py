@@ -46,7 +46,7 @@ def test_training_step_syncs_at_most_once_by_the_driver(overrides):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            losses, finite = train_step(parts, batch, progress=0.5)
+            losses, finite, _ = train_step(parts, batch, progress=0.5)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
@@ -57,7 +57,7 @@ def test_fp16_with_grad_scaler_and_fused_optimizer():
     parts, batch = cuda_parts(["train.amp=fp16"])
     assert parts.scaler is not None and optimizer_implementation(parts.optimizer) == "fused"
     for i in range(3):
-        losses, finite = train_step(parts, batch, progress=i / 3)
+        losses, finite, _ = train_step(parts, batch, progress=i / 3)
         assert finite and torch.isfinite(losses["loss"])
 
 

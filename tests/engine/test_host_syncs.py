@@ -78,7 +78,7 @@ def test_training_step_waits_for_the_device_at_most_once(overrides):
     batch = make_batch()
     train_step(parts, batch, progress=0.0)  # first step: anchors cached, optimizer state made
     with HostSyncCounter() as syncs:
-        losses, finite = train_step(parts, batch, progress=0.5)
+        losses, finite, _ = train_step(parts, batch, progress=0.5)
     assert finite and torch.isfinite(losses["loss"])
     assert syncs.total <= SYNC_BUDGET, dict(syncs.counts)
     # The one sync is the finiteness check of the loss.
@@ -115,7 +115,7 @@ def test_nonfinite_loss_skips_the_update():
     with torch.no_grad():
         parts.model.head.cls_score.bias.fill_(float("nan"))
     steps = [state["step"].clone() for state in parts.optimizer.state.values()]
-    losses, finite = train_step(parts, batch, progress=0.5)
+    losses, finite, _ = train_step(parts, batch, progress=0.5)
     assert not finite and not torch.isfinite(losses["loss_cls"])
     after = dict(parts.model.named_parameters())
     for key, value in before.items():
@@ -124,3 +124,14 @@ def test_nonfinite_loss_skips_the_update():
         else:
             assert torch.equal(after[key], value), key
     assert [state["step"] for state in parts.optimizer.state.values()] == steps
+
+
+def test_a_stop_request_travels_in_the_same_sync():
+    parts = step_parts([])
+    batch = make_batch()
+    train_step(parts, batch, progress=0.0)
+    parts.stop_requested = lambda: True
+    with HostSyncCounter() as syncs:
+        result = train_step(parts, batch, progress=0.5)
+    assert result.taken and result.stop  # the step is finished, then training stops
+    assert syncs.total == 1

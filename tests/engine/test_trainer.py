@@ -201,3 +201,57 @@ def test_resume_skips_a_torn_newest_checkpoint(tmp_path, tiny_config, capsys):
     expected, got = _weights(full.final_checkpoint), _weights(resumed.final_checkpoint)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_sigterm_writes_a_checkpoint_that_resume_continues(tmp_path, tiny_config):
+    """A cluster's preemption: SIGTERM mid-run ends the process within seconds with a
+    checkpoint of the current iteration, equal to the state an uninterrupted run has there
+    (so resuming from it continues exactly: see test_resume_reproduces_uninterrupted_run)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from .conftest import REPO, tiny_overrides
+
+    run_dir = tmp_path / "preempted"
+    long_run = ["train.max_iter=1000", "train.checkpoint_period=100000"]
+    command = [sys.executable, str(REPO / "tools" / "train.py"), "--config",
+               str(REPO / "configs" / "shapes.yaml"), "--output-dir", str(run_dir), "--no-eval",
+               "--device", "cpu", *tiny_overrides(Path(tiny_config.data.synthetic.root)),
+               *long_run]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 60
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM after iteration" in stderr and "--resume" in stderr
+    preempted = find_last_checkpoint(run_dir)
+    stopped_at = int(preempted.stem.split("_")[1])
+    assert 3 <= stopped_at < 1000
+
+    tiny_config.train.max_iter = 1000
+    tiny_config.train.checkpoint_period = stopped_at
+    train(tiny_config, tmp_path / "reference", stop_at_iteration=stopped_at, progress=False,
+          evaluate=False)  # fmt: skip
+    expected = load_checkpoint(tmp_path / "reference" / preempted.name)
+    got = load_checkpoint(preempted)
+    assert got["iteration"] == expected["iteration"] == stopped_at
+    for key, value in expected["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    assert got["scheduler"] == expected["scheduler"]
+    for a, b in zip(got["optimizer"]["state"].values(), expected["optimizer"]["state"].values(),
+                    strict=True):  # fmt: skip
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+    resumed = train(tiny_config, run_dir, resume=True, stop_at_iteration=stopped_at + 2,
+                    progress=False, evaluate=False)  # fmt: skip
+    assert resumed.iterations == stopped_at + 2
