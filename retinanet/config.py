@@ -167,6 +167,9 @@ class DataConfig:
     )
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     filter_empty: bool = False
+    # stop | skip: an unreadable training image stops the run (after a checkpoint) or is
+    # replaced by the next readable one; evaluation always stops
+    on_bad_image: str = "stop"
     num_workers: int = 4
     aspect_ratio_grouping: bool = True
 
@@ -467,6 +470,7 @@ _CHOICES = {
     "train.lr_schedule": ("step", "cosine"),
     "train.amp": ("", "auto", "bf16", "fp16"),
     "train.optimizer_impl": ("auto", "fused", "foreach", "for_loop"),
+    "data.on_bad_image": ("stop", "skip"),
     "train.on_nonfinite": ("stop", "skip"),
     "eval.backend": ("pycocotools", "faster_coco_eval"),
 }

@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         )
     if args.compile:
-        comparisons.append(benchmark_compile(args.compile, device, repeats=args.repeats))
+        comparisons.append(
+            benchmark_compile(args.compile, device, args.amp or "auto", repeats=args.repeats)
+        )
     if args.recipe:
         modes.append(benchmark_recipe_modes(args.recipe, args.steps, args.rounds))
     for c in comparisons:

@@ -70,4 +70,5 @@ def build_dataset(cfg: Config, split: str, training: bool) -> CocoDetection:
         paths.annotation_file,
         transform=build_transform(cfg, training),
         filter_empty=cfg.data.filter_empty and training,
+        on_bad_image=cfg.data.on_bad_image if training else "stop",
     )

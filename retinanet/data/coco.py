@@ -27,6 +27,9 @@ class DatasetError(ValueError):
     """A dataset file, folder or record that cannot be used; the message names the culprit."""
 
 
+BAD_IMAGE_POLICIES = ("stop", "skip")
+
+
 class DatasetWarning(UserWarning):
     """Records that were repaired (clipped) or skipped while loading a dataset."""
 
@@ -46,6 +49,14 @@ class CocoDetection(torch.utils.data.Dataset):
         transform: resize/augmentation; None returns images at their stored size.
         filter_empty: drop images without any non-crowd box (by default they are kept: they
             teach the classifier what background looks like).
+        on_bad_image: what reading an item whose image cannot be read or decoded does.
+            "stop": raise DatasetError naming the file; in data loaders
+            (`bad_images_as_items`, set by the loader builders) an item with only `image_id`
+            and `bad_image` (the message) instead, which the collate turns into a batch the
+            trainer and evaluation stop on with that one line (an exception raised in a loader
+            worker arrives wrapped in the worker's traceback). "skip": the next readable image
+            in index order (deterministic, so resumed runs see the same data), with the
+            messages of the skipped ones in `skipped_images`.
 
     An item (`dataset[i]` or `dataset[(i, seed)]`, the seed drawing the augmentation; an int index
     gives the deterministic test-time transform) is a dict:
@@ -66,10 +77,17 @@ class CocoDetection(torch.utils.data.Dataset):
         annotation_file: str | os.PathLike,
         transform: DetectionTransform | None = None,
         filter_empty: bool = False,
+        on_bad_image: str = "stop",
     ) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+            )
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         self.transform = transform
+        self.on_bad_image = on_bad_image
+        self.bad_images_as_items = False
         if not self.annotation_file.is_file():
             raise DatasetError(f"annotation file not found: {self.annotation_file}")
         if not self.image_dir.is_dir():
@@ -179,7 +197,26 @@ class CocoDetection(torch.utils.data.Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image = self.read_image(index)
+        skipped: list[str] = []
+        while True:
+            try:
+                image = self.read_image(index)
+                break
+            except DatasetError as err:
+                if self.on_bad_image == "stop":
+                    if not self.bad_images_as_items:
+                        raise
+                    return {"image_id": self.image_ids[index], "bad_image": str(err)}
+                skipped.append(str(err))
+                if len(skipped) == len(self):
+                    raise DatasetError(f"no readable image in {self.image_dir}: {err}") from err
+                index = (index + 1) % len(self)
+        sample = self._sample(index, image, seed)
+        if skipped:
+            sample["skipped_images"] = skipped
+        return sample
+
+    def _sample(self, index: int, image: np.ndarray, seed: int | None) -> dict[str, Any]:
         target = self.annotations(index)
         num_objects = len(target["boxes"])
         boxes = np.concatenate([target["boxes"], target["crowd_boxes"]])

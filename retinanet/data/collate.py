@@ -24,6 +24,9 @@ class Batch:
     targets: per image, boxes (N, 4) float32 xyxy and crowd_boxes (M, 4) float32 xyxy in the
         pixels of `images`, labels (N,) int64.
     image_ids: dataset image ids; orig_sizes: (H0, W0) of each image as stored on disk.
+    bad_images: messages naming images that could not be read (data.on_bad_image=stop); a batch
+        with any is empty otherwise, and whoever consumes it stops with the first message.
+    skipped_images: messages naming unreadable images replaced by others (on_bad_image=skip).
     """
 
     images: Tensor
@@ -31,6 +34,8 @@ class Batch:
     targets: list[dict[str, Tensor]]
     image_ids: list[int]
     orig_sizes: list[tuple[int, int]]
+    bad_images: list[str] = dataclasses.field(default_factory=list)
+    skipped_images: list[str] = dataclasses.field(default_factory=list)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -46,7 +51,22 @@ class Batch:
             targets=[{k: fn(t[k]) for k in TARGET_KEYS} for t in self.targets],
             image_ids=self.image_ids,
             orig_sizes=self.orig_sizes,
+            bad_images=self.bad_images,
+            skipped_images=self.skipped_images,
         )
+
+
+def raise_on_bad_images(batch: Batch, advice: str = "") -> None:
+    """Raise DatasetError with the first unreadable image's message if `batch` holds any."""
+    if batch.bad_images:
+        from .coco import DatasetError
+
+        more = (
+            f" (and {len(batch.bad_images) - 1} more in this batch)"
+            if len(batch.bad_images) > 1
+            else ""
+        )
+        raise DatasetError(batch.bad_images[0] + more + (f"; {advice}" if advice else ""))
 
 
 def collate_detection(samples: Sequence[dict[str, Any]], size_divisibility: int = 128) -> Batch:
@@ -57,6 +77,16 @@ def collate_detection(samples: Sequence[dict[str, Any]], size_divisibility: int 
         raise ValueError("cannot collate an empty list of samples")
     if size_divisibility < 1:
         raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
+    bad = [s["bad_image"] for s in samples if "bad_image" in s]
+    if bad:
+        return Batch(
+            images=torch.zeros(0, 3, size_divisibility, size_divisibility, dtype=torch.uint8),
+            image_sizes=torch.zeros(0, 2, dtype=torch.int64),
+            targets=[],
+            image_ids=[],
+            orig_sizes=[],
+            bad_images=bad,
+        )
     sizes = torch.tensor([tuple(s["image"].shape[1:]) for s in samples], dtype=torch.int64)
     padded = (sizes.amax(dim=0) + size_divisibility - 1) // size_divisibility * size_divisibility
     images = samples[0]["image"].new_zeros((len(samples), 3, *padded.tolist()))
@@ -69,4 +99,5 @@ def collate_detection(samples: Sequence[dict[str, Any]], size_divisibility: int 
         targets=[{k: s[k] for k in TARGET_KEYS} for s in samples],
         image_ids=[int(s["image_id"]) for s in samples],
         orig_sizes=[tuple(s["orig_size"]) for s in samples],
+        skipped_images=[m for s in samples for m in s.get("skipped_images", ())],
     )

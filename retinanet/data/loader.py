@@ -81,6 +81,8 @@ def _loader(
     size_divisibility: int,
     pin_memory: bool,
 ) -> DataLoader:
+    # Unreadable images arrive as marked batches, not as exceptions wrapped in worker tracebacks.
+    dataset.bad_images_as_items = True
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

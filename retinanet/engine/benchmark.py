@@ -240,15 +240,22 @@ class TrainStepComparison(Comparison):
         }
 
 
-def _peak_mib(step: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory allocated on the device during one call of `step` (None on CPU)."""
+def _peak_mib(
+    step: Callable[[], object], device: torch.device, optimizers: list[torch.optim.Optimizer]
+) -> float | None:
+    """Memory one call of `step` needs on the device (None on CPU): its peak allocation above
+    what was allocated before it (models, optimizer states), with every model's gradients
+    freed first, so that two models in one process are measured alike."""
     if device.type != "cuda":
         return None
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def torchvision_finetuning_retinanet(
@@ -302,10 +309,14 @@ def benchmark_train_step(
     for t in targets:
         t["crowd_boxes"] = torch.zeros(0, 4, device=device)
     step_batch = Batch(images, sizes, targets, list(range(batch)), [(height, width)] * batch)
-    parts = StepParts(ours, ours, build_optimizer(ours, "sgd", 1e-4, 1e-4), amp, device)
+    parts = StepParts(
+        ours, ours, build_optimizer(ours, "sgd", 1e-4, 1e-4), amp, device, grad_scaler(amp, device)
+    )
     reference_optimizer = torch.optim.SGD(
         [p for p in reference.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
     )
+    # torchvision's reference scripts scale fp16 losses too.
+    reference_scaler = grad_scaler(amp, device)
     float_images = [im.float() / 255 for im in images]
     reference_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
 
@@ -316,12 +327,19 @@ def benchmark_train_step(
         reference_optimizer.zero_grad(set_to_none=True)
         with autocast(amp, device):
             losses = reference(float_images, reference_targets)
-        sum(losses.values()).backward()
-        reference_optimizer.step()
+        loss = sum(losses.values())
+        if reference_scaler is None:
+            loss.backward()
+            reference_optimizer.step()
+        else:
+            reference_scaler.scale(loss).backward()
+            reference_scaler.step(reference_optimizer)
+            reference_scaler.update()
 
     ours_s, ref_s = time_alternating(ours_step, reference_step, repeats, device)
-    ours_peak = _peak_mib(ours_step, device)
-    reference_peak = _peak_mib(reference_step, device)
+    optimizers = [parts.optimizer, reference_optimizer]
+    ours_peak = _peak_mib(ours_step, device, optimizers)
+    reference_peak = _peak_mib(reference_step, device, optimizers)
     precision = amp or "fp32"
     layout = ", channels-last" if channels_last else ""
     return TrainStepComparison(

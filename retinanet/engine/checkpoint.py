@@ -61,7 +61,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: a run resumed with fewer visible GPUs, or on another rank,
+        # must not be handed the states of GPUs it does not have.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -73,8 +75,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     keys = np.asarray(keys.numpy() if torch.is_tensor(keys) else keys, dtype=np.uint32)
     np.random.set_state((kind, keys, position, has_gauss, cached))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if torch.is_tensor(cuda) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(

@@ -48,7 +48,12 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     count = torch.cuda.device_count()
     rank = local_rank()
     if device.index is None:
-        index = rank if rank is not None else torch.cuda.current_device()
+        if rank is None:
+            index = torch.cuda.current_device()
+        else:
+            # Schedulers that give each task its own GPU (CUDA_VISIBLE_DEVICES per rank) leave
+            # one visible device whatever the LOCAL_RANK.
+            index = 0 if count == 1 else rank
     elif rank is not None and device.index != rank:
         raise ValueError(
             f"--device {spec} under torchrun: each process uses the GPU of its LOCAL_RANK "

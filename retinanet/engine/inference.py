@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import Batch, CocoDetection, build_test_loader
+from ..data.collate import raise_on_bad_images
 from ..model.retinanet import HeadOutputs, RetinaNet
 from .checkpoint import ClassInfo
 from .distributed import (
@@ -45,6 +46,7 @@ def iter_model_outputs(
     model.eval()
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            raise_on_bad_images(batch, "fix or remove the file before evaluating")
             batch = batch.to(device, non_blocking=True)
             with torch.no_grad(), autocast(amp, device):
                 outputs = model(batch.images, batch.image_sizes)

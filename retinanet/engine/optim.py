@@ -67,10 +67,23 @@ def build_optimizer(
 
 
 def optimizer_implementation(optimizer: torch.optim.Optimizer) -> str:
-    """'fused', 'foreach' or 'for_loop': which kernels `optimizer` runs."""
-    if optimizer.defaults.get("fused"):
+    """'fused', 'foreach' or 'for_loop': which kernels `optimizer` runs (each parameter group
+    decides for itself; ours all agree)."""
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
         return "fused"
-    return "foreach" if optimizer.defaults.get("foreach") else "for_loop"
+    return "foreach" if group.get("foreach") else "for_loop"
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping the kernels this run chose: the saved parameter groups
+    carry the `fused`/`foreach` flags of the run that wrote them (another machine, another
+    train.optimizer_impl), and loading would silently switch to those."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
 
 
 def lr_factor(

@@ -96,9 +96,10 @@ def run_cuda_tests(device: torch.device, options: SelfTestOptions) -> dict[str, 
                str(REPO / "tests")]  # fmt: skip
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     tail = (run.stdout + run.stderr).strip().splitlines()[-15:]
-    if run.returncode not in (0, 5):
-        raise RuntimeError("cuda tests failed:\n" + "\n".join(tail))
-    return {"summary": tail[-1] if tail else "", "returncode": run.returncode}
+    if run.returncode != 0:  # 5: nothing collected, which on a GPU is a failure too
+        raise RuntimeError(f"cuda tests failed (exit {run.returncode}):\n" + "\n".join(tail))
+    summary = tail[-1] if tail else ""
+    return {"summary": summary, "skipped_any": "skipped" in summary}
 
 
 def count_host_syncs(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
@@ -146,11 +147,22 @@ def run_ddp(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                "1", str(REPO / "tools" / "gpu_selftest.py"), "--ddp-worker", str(report_file),
                "--device", "cuda" if device.type == "cuda" else "cpu"]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ)
+    if device.type == "cuda":  # the worker's LOCAL_RANK 0 is then the GPU asked for
+        env["CUDA_VISIBLE_DEVICES"] = _visible_device(device)
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if run.returncode != 0 or not report_file.is_file():
         tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
         raise RuntimeError(f"torchrun job failed (exit {run.returncode}):\n{tail}")
     return json.loads(report_file.read_text())
+
+
+def _visible_device(device: torch.device) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of `device` under the current CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return visible.split(",")[device.index]
+    return str(device.index)
 
 
 def ddp_worker(report_file: str, device_spec: str) -> None:
@@ -250,6 +262,8 @@ def run_selftest(options: SelfTestOptions, echo: Callable[[str], None] = print) 
     start = time.perf_counter()
     for name in options.parts:
         part_start = time.perf_counter()
+        if device.type == "cuda":  # each part's peak memory is its own
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             entry = {"status": "ok", **PARTS[name](device, options)}
         except Skipped as reason:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, config_differences, config_to_yaml
 from ..data import build_train_loader
 from ..data.build import build_dataset, resolve_data_paths
-from ..data.collate import Batch
+from ..data.collate import Batch, raise_on_bad_images
 from ..model.build import build_model
 from ..model.retinanet import RetinaNet
 from .checkpoint import (
@@ -52,7 +52,7 @@ from .distributed import (
 from .evaluation import CocoMetrics
 from .files import atomic_write_text, json_safe
 from .inference import evaluate_model
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import build_lr_scheduler, build_optimizer, load_optimizer_state
 from .precision import autocast, grad_scaler, resolve_amp
 from .signals import StopSignals, TrainingInterrupted
 
@@ -158,12 +158,13 @@ def train_step(parts: StepParts, batch: Batch, progress: float) -> StepResult:
     The check that the loss is finite everywhere (and whether to stop) is the step's only
     wait for the device (see tests/engine/test_host_syncs.py); everything else is queued
     asynchronously."""
+    # Gradients of the previous step are freed before the forward, not held through its peak.
+    parts.optimizer.zero_grad(set_to_none=True)
     with autocast(parts.amp, parts.device):
         outputs = parts.forward_model(batch.images, batch.image_sizes)
     losses = parts.model.losses(outputs, batch.targets, progress=progress)
     loss = losses["loss_cls"] + losses["loss_box"]
     losses = {"loss": loss, **losses}
-    parts.optimizer.zero_grad(set_to_none=True)
     finite, stop = _agree_to_go_on(loss, parts.stop_requested())
     if not finite:
         return StepResult(losses, False, stop)
@@ -320,7 +321,7 @@ def train(
                 f"warning: resuming with a config that differs from the checkpoint's in {changed}"
             )
         load_model_weights(model, state, checkpoint_path)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -407,6 +408,7 @@ def train(
     )
     model.train()
     data_iter = iter(loader)
+    skipped_images: set[str] = set()
     signals = StopSignals().__enter__()
     step_parts.stop_requested = signals.requested
     skipped = 0
@@ -416,7 +418,18 @@ def train(
     try:
         for iteration in range(start_iter, end_iter):
             fetch_start = time.perf_counter()
-            batch = next(data_iter).to(torch_device, non_blocking=True)
+            batch = next(data_iter)
+            if batch.bad_images:
+                if iteration > start_iter and iteration % cfg.train.checkpoint_period:
+                    save(iteration)
+                raise_on_bad_images(
+                    batch,
+                    f"stopped before iteration {iteration + 1} (last checkpoint: "
+                    f"{find_last_checkpoint(output_dir) or 'none'}); fix or remove the file, or "
+                    "set data.on_bad_image=skip, and run again with --resume",
+                )
+            skipped_images.update(batch.skipped_images)
+            batch = batch.to(torch_device, non_blocking=True)
             data_time += time.perf_counter() - fetch_start
 
             losses, finite, stop = train_step(step_parts, batch, progress=iteration / max_iter)
@@ -459,6 +472,8 @@ def train(
                     values["max_memory_mib"] = torch.cuda.max_memory_allocated(torch_device) / 2**20
                 if skipped:
                     values["skipped_steps"] = skipped
+                if skipped_images:
+                    values["skipped_images"] = len(skipped_images)
                 log.write(done, values)
                 if "loss" in values:
                     bar.set_postfix(
@@ -491,6 +506,11 @@ def train(
         bar.close()
         signals.__exit__()
 
+    if skipped_images and is_main_process():
+        count = len(skipped_images)
+        print(f"skipped {count} unreadable training image(s) (data.on_bad_image=skip):")
+        for message in sorted(skipped_images):
+            print(f"  {message}")
     if end_iter < max_iter:  # stopped early on request: as if interrupted
         log.close()
         return TrainResult(output_dir, None, end_iter, None, skipped)

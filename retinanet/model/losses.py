@@ -164,36 +164,34 @@ def sigmoid_focal_loss(
 
 
 def _negative_terms(
-    x: Tensor, factor: ModulatingFactor, need_grad: bool
+    x: Tensor, factor: ModulatingFactor, need_grad: bool, row_weights: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """Every element of x (N, K) treated as a negative: returns (per-row sums (N,) of
-    f(1-s) softplus(x), gradient of each term w.r.t. x or None). Works in place on fresh
-    buffers; x itself is not modified."""
+    """Every element of x (N, K) treated as a negative: returns (the sum of f(1-s) softplus(x)
+    over the elements, rows weighted by `row_weights` (N,) when given; the gradient of each
+    term w.r.t. x, exact for rows of weight 1, or None). Works in place on fresh buffers; x is
+    not modified."""
     s = torch.sigmoid(x)
     sp = F.softplus(x)  # -log(1 - s)
+    if row_weights is not None:
+        # One weighted flat dot product, rather than per-row sums (N tiny matrix products).
+        sp.mul_(row_weights.unsqueeze(1))
     if isinstance(factor, PowerFactor):
         gamma = factor.gamma
         # f = s^gamma; h = gamma s^gamma (1 - s); grad = f s + h sp = f (s + gamma (1 - s) sp).
         if gamma == 0:
-            return sp.sum(dim=-1), (s if need_grad else None)
+            return sp.sum(), (s if need_grad else None)
         f = s * s if gamma == 2 else (s.clone() if gamma == 1 else s.pow(gamma))
-        rows = _row_dot(f, sp)
+        total = torch.dot(f.view(-1), sp.view(-1))
         if not need_grad:
-            return rows, None
+            return total, None
         sp.addcmul_(sp, s, value=-1.0)  # sp * (1 - s)
         grad = s.add_(sp, alpha=gamma).mul_(f)
-        return rows, grad
+        return total, grad
     f, h = factor.weights(-x)
-    rows = _row_dot(f, sp)
+    total = torch.dot(f.view(-1), sp.view(-1))
     if not need_grad:
-        return rows, None
-    return rows, f.mul_(s).addcmul_(h, sp)
-
-
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """(N, K), (N, K) -> (N,) row-wise dot products without an (N, K) temporary (a batched
-    matrix product: as fast as one flat dot product, where (a * b).sum(-1) is 5x slower)."""
-    return torch.einsum("nk,nk->n", a, b)
+        return total, None
+    return total, f.mul_(s).addcmul_(h, sp)
 
 
 def _positive_terms(x: Tensor, factor: ModulatingFactor) -> tuple[Tensor, Tensor]:
@@ -219,23 +217,19 @@ class _DenseFocalLoss(torch.autograd.Function):
             pos_weight, neg_weight = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
             need_grad = ctx.needs_input_grad[0]
 
-            # Every (anchor, class) pair as a negative, summed per anchor.
-            neg_rows, grad = _negative_terms(flat_x, factor, need_grad)
+            # Every (anchor, class) pair of the non-ignored anchors as a negative.
+            kept = (flat_classes != IGNORE).to(x.dtype)  # masks as weights: no indexing
+            neg_sum, grad = _negative_terms(flat_x, factor, need_grad, kept)
 
             # Each anchor's ground-truth class (0 for anchors without one, masked below): its
             # pair's negative term is replaced by the positive one.
             is_pos = flat_classes >= 0
-            kept = (flat_classes != IGNORE).to(x.dtype)  # masks as weights: no indexing
             true_class = flat_classes.clamp(min=0).unsqueeze(1)
             true_x = flat_x.gather(1, true_class).squeeze(1)
             pos_loss, pos_grad = _positive_terms(true_x, factor)
-            wrong_neg, _ = _negative_terms(true_x.unsqueeze(1), factor, False)
             pos_mask = is_pos.to(x.dtype)
-
-            # Ignored anchors contribute nothing.
-            total = neg_weight * (
-                torch.dot(neg_rows, kept) - torch.dot(wrong_neg, pos_mask)
-            ) + pos_weight * torch.dot(pos_loss, pos_mask)
+            wrong_neg, _ = _negative_terms(true_x.unsqueeze(1), factor, False, pos_mask)
+            total = neg_weight * (neg_sum - wrong_neg) + pos_weight * torch.dot(pos_loss, pos_mask)
             if need_grad:
                 # grad holds the negative-term gradient; it is scaled by neg_weight in
                 # backward, so positives are stored divided by it (when it is not zero).

@@ -22,31 +22,22 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBatchNorm2d):
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm that returns a channels-last output for a channels-last input on every device.
+    """GroupNorm whose output has the input's layout on every device.
 
-    The CPU kernel keeps the layout; the CUDA kernel of most PyTorch releases returns a
-    contiguous (NCHW) tensor, so every GroupNorm in a channels-last network would add two
-    layout conversions around the next convolution. For such inputs this computes the
-    statistics on the NHWC view itself (in fp32, output in the input's dtype)."""
+    The CPU kernel keeps channels-last; the CUDA kernel of most PyTorch releases returns a
+    contiguous (NCHW) tensor, and every following convolution of a channels-last network would
+    then run in NCHW or convert back. For such inputs the output is returned channels-last
+    (one copy; the kernel itself, its fp32 statistics and its memory use are PyTorch's)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" or x.dim() != 4 or x.is_contiguous():
-            return super().forward(x)
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x)
-        return self.forward_channels_last(x)
-
-    def forward_channels_last(self, x: Tensor) -> Tensor:
-        """x: (N, C, H, W) stored channels-last -> the same shape and layout, dtype of x."""
-        n, c, h, w = x.shape
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            grouped = x.permute(0, 2, 3, 1).reshape(n, h * w, self.num_groups, c // self.num_groups)
-            grouped = grouped.float()
-            var, mean = torch.var_mean(grouped, dim=(1, 3), keepdim=True, correction=0)
-            y = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(n, h, w, c)
-            if self.affine:
-                y = torch.addcmul(self.bias.float(), y, self.weight.float())
-            return y.to(x.dtype).permute(0, 3, 1, 2)
+        y = super().forward(x)
+        if (
+            x.dim() == 4
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return y.contiguous(memory_format=torch.channels_last)
+        return y
 
 
 def make_norm(name: str, channels: int, eps: float = 1e-5, gn_groups: int = 32) -> nn.Module:

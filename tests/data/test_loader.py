@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from retinanet.data.coco import CocoDetection, DatasetError
+from retinanet.data.collate import raise_on_bad_images
 from retinanet.data.loader import build_test_loader, build_train_loader
 from retinanet.data.transforms import DetectionTransform
 
@@ -73,15 +74,39 @@ def test_worker_gives_the_same_batches_as_the_main_process(dataset):
     assert all(_same(a, b) for a, b in zip(batches(0), batches(1), strict=True))
 
 
-def test_corrupt_image_error_crosses_the_worker_boundary(write_coco):
-    image_dir, annotation_file = write_coco({1: (10, 10)}, [])
+def _with_garbage_image(write_coco):
+    image_dir, annotation_file = write_coco({1: (10, 10), 3: (10, 10)}, [])
     data = json.loads(annotation_file.read_text())
     data["images"].append({"id": 2, "file_name": "garbage.jpg", "width": 10, "height": 10})
     annotation_file.write_text(json.dumps(data))
     (image_dir / "garbage.jpg").write_bytes(bytes(range(256)) * 4)
-    loader = build_test_loader(CocoDetection(image_dir, annotation_file), num_workers=1)
+    return image_dir, annotation_file
+
+
+def test_corrupt_image_crosses_the_worker_boundary_as_one_clean_line(write_coco):
+    image_dir, annotation_file = _with_garbage_image(write_coco)
+    dataset = CocoDetection(image_dir, annotation_file)
     with pytest.raises(DatasetError, match=r"garbage\.jpg \(image id 2\)"):
-        list(loader)
+        dataset[1]  # read directly, the error is raised
+    loader = build_test_loader(dataset, batch_size=2, num_workers=1)
+    batches = list(loader)
+    assert batches[0].bad_images and not batches[1].bad_images
+    with pytest.raises(DatasetError) as caught:
+        raise_on_bad_images(batches[0], "fix it")
+    message = str(caught.value)
+    assert message.startswith("cannot decode image ") and "garbage.jpg (image id 2)" in message
+    assert message.endswith("; fix it") and "Traceback" not in message and "\n" not in message
+
+
+def test_skip_replaces_a_corrupt_image_deterministically(write_coco):
+    image_dir, annotation_file = _with_garbage_image(write_coco)
+    dataset = CocoDetection(image_dir, annotation_file, on_bad_image="skip")
+    item = dataset[1]  # garbage.jpg: replaced by the next image in index order
+    assert item["image_id"] == 3 and "garbage.jpg" in item["skipped_images"][0]
+    assert dataset[1]["image_id"] == 3
+    loader = build_test_loader(dataset, batch_size=3, num_workers=1)
+    (batch,) = list(loader)
+    assert batch.image_ids == [1, 3, 3] and len(batch.skipped_images) == 1
 
 
 def test_test_loader_sees_every_image_once_across_ranks(dataset):

@@ -18,6 +18,7 @@ def _graphs() -> int:
 
 def test_compiled_training_equals_eager_and_does_not_recompile():
     torch._dynamo.reset()
+    counters.clear()
     overrides = ["loss.gamma_schedule=cosine", "loss.gamma=3.0"]
     eager, compiled = step_parts(overrides), step_parts(overrides)
     compiled.model.load_state_dict(eager.model.state_dict())

@@ -55,6 +55,12 @@ def test_torchrun_processes_take_the_gpu_of_their_local_rank(fake_cuda, monkeypa
         resolve_device("cuda")
 
 
+def test_one_visible_gpu_per_task_under_torchrun(fake_cuda, monkeypatch):
+    fake_cuda.count = 1  # CUDA_VISIBLE_DEVICES set per rank by the scheduler
+    torchrun_env(monkeypatch, local_rank=3, world_size=4)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+
+
 def test_bad_device_names_are_named(fake_cuda):
     with pytest.raises(ValueError, match="'cuda:2': no such GPU"):
         resolve_device("cuda:2")

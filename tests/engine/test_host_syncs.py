@@ -85,6 +85,20 @@ def test_training_step_waits_for_the_device_at_most_once(overrides):
     assert syncs.counts["_local_scalar_dense"] == syncs.total
 
 
+def test_grad_scaler_adds_no_sync_with_a_fused_optimizer():
+    """fp16 training scales the loss; with a fused optimizer the overflow check runs inside the
+    kernel, so the step still syncs once. (With foreach or for_loop kernels GradScaler reads
+    the check on the host, a second sync on a GPU; on a CPU their per-parameter step counters
+    are read too, which hides it here. That is why train.optimizer_impl=auto picks fused.)"""
+    parts = step_parts(["train.optimizer_impl=fused"])
+    parts.scaler = torch.amp.GradScaler("cpu")
+    batch = make_batch()
+    train_step(parts, batch, progress=0.0)
+    with HostSyncCounter() as syncs:
+        result = train_step(parts, batch, progress=0.5)
+    assert result.taken and syncs.total == 1, dict(syncs.counts)
+
+
 def test_counter_sees_the_operators_that_sync():
     x = torch.tensor([0.5, -1.0, 2.0])
     with HostSyncCounter() as syncs:

@@ -7,6 +7,7 @@ from torch import nn
 from retinanet.engine.optim import (
     build_lr_scheduler,
     build_optimizer,
+    load_optimizer_state,
     lr_factor,
     optimizer_implementation,
     parameter_groups,
@@ -107,3 +108,14 @@ def test_auto_implementation_prefers_fused_and_falls_back(monkeypatch):
     assert optimizer_implementation(opt) == "foreach"
     with pytest.raises(ValueError, match="optimizer_impl=fused.*not supported"):
         build_optimizer(nn.Linear(2, 2), "sgd", 0.1, 0.0, implementation="fused")
+
+
+def test_resuming_keeps_this_runs_optimizer_kernels():
+    model = nn.Linear(3, 2)
+    saved = build_optimizer(model, "adamw", 1e-3, 0.0, implementation="foreach")
+    model(torch.randn(4, 3)).sum().backward()
+    saved.step()
+    resumed = build_optimizer(model, "adamw", 1e-3, 0.0, implementation="fused")
+    load_optimizer_state(resumed, saved.state_dict())
+    assert optimizer_implementation(resumed) == "fused"
+    assert resumed.state_dict()["state"][0]["step"] == saved.state_dict()["state"][0]["step"]

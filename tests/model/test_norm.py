@@ -1,7 +1,6 @@
 """Normalisation layers: frozen BatchNorm keeps the activation dtype; GroupNorm keeps the
 channels-last layout; both equal the reference layers numerically."""
 
-import pytest
 import torch
 import torchvision
 from torch import nn
@@ -48,32 +47,21 @@ def test_frozen_bn_loads_checkpoints_with_batchnorm_keys():
     assert torch.equal(frozen.running_mean, bn.running_mean)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_norm_channels_last_path_equals_nn_group_norm(dtype):
-    g = torch.Generator().manual_seed(0)
-    ours = GroupNorm(4, 16)
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(16, generator=g))
-        ours.bias.copy_(torch.randn(16, generator=g))
+def test_group_norm_restores_channels_last_where_the_kernel_drops_it(monkeypatch):
+    """As on CUDA: a GroupNorm kernel that returns NCHW for a channels-last input."""
     reference = nn.GroupNorm(4, 16)
-    reference.load_state_dict(ours.state_dict())
-    x = (3 + 2 * torch.randn(2, 16, 6, 9, generator=g)).to(dtype)
-    x_last = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-    x_ref = x.float().clone().requires_grad_()
-
-    # The path CUDA takes for channels-last inputs, run here on CPU.
-    y = ours.forward_channels_last(x_last)
-    expected = reference(x_ref)
-    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
-    torch.testing.assert_close(y.float(), expected, **tol)
-
-    # Gradients through it (autograd of the plain formula) equal the native kernel's.
-    weights = torch.randn(expected.shape, generator=g)
-    (y.float() * weights).sum().backward()
-    (expected * weights).sum().backward()
-    torch.testing.assert_close(x_last.grad.float(), x_ref.grad, **tol)
-    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-2, atol=5e-2)
+    ours = GroupNorm(4, 16)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 16, 6, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    native_forward = nn.GroupNorm.forward
+    monkeypatch.setattr(
+        nn.GroupNorm, "forward", lambda self, t: native_forward(self, t).contiguous()
+    )
+    y = ours(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, reference(x.contiguous()))
+    y.sum().backward()
+    assert x.grad is not None
 
 
 def test_group_norm_dispatch_keeps_layouts():
