@@ -512,6 +512,12 @@ def validate(cfg: Config) -> None:
             cfg.model.backbone.depth in (18, 34, 50, 101, 152),
             "one of 18, 34, 50, 101, 152",
         ),
+        (
+            "model.backbone.blocks",
+            not cfg.model.backbone.blocks
+            or (len(cfg.model.backbone.blocks) == 4 and min(cfg.model.backbone.blocks) >= 1),
+            "empty (the depth's standard counts) or 4 counts >= 1 (res2-res5)",
+        ),
         ("model.fpn.channels", cfg.model.fpn.channels > 0, "positive"),
         ("model.anchors.sizes", len(cfg.model.anchors.sizes) == 5, "5 sizes, one per level P3-P7"),
         ("model.box_weights", len(cfg.model.box_weights) == 4, "4 numbers"),

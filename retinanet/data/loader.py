@@ -22,12 +22,12 @@ from retinanet.data.sampler import (
 def init_worker(worker_id: int) -> None:
     """Keep each loader worker to one thread: OpenCV and torch would otherwise each start a
     thread per core in every worker and fight the training process for the CPU. Workers ignore
-    SIGINT and SIGTERM, which a terminal or a cluster scheduler sends to every process of the
-    job: the training process decides when to stop (after a checkpoint) and ends them."""
+    Ctrl-C (SIGINT, which a terminal sends to every process of the job): the training process
+    finishes its step and writes a checkpoint first. SIGTERM keeps its default, since that is
+    how the training process ends its workers when it exits."""
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_loader(

@@ -410,6 +410,18 @@ def train(
     data_iter = iter(loader)
     skipped_images: set[str] = set()
     signals = StopSignals().__enter__()
+
+    def stop_after(done: int) -> None:
+        """Write the checkpoint of `done` finished iterations (unless it exists) and stop."""
+        if done > start_iter and done % cfg.train.checkpoint_period:
+            save(done)
+        last = find_last_checkpoint(output_dir) if is_main_process() else "a checkpoint"
+        raise TrainingInterrupted(
+            f"stopped by {signals.name} after iteration {done}; last checkpoint: {last or 'none'}; "
+            "run again with --resume to continue",
+            signals.received or signal.SIGTERM,
+        )
+
     step_parts.stop_requested = signals.requested
     skipped = 0
     # Loss terms summed on the device over the logging window (no host sync per iteration).
@@ -418,7 +430,13 @@ def train(
     try:
         for iteration in range(start_iter, end_iter):
             fetch_start = time.perf_counter()
-            batch = next(data_iter)
+            try:
+                batch = next(data_iter)
+            except Exception:
+                # A SIGTERM sent to the whole job also ends the loader's workers: stop as asked.
+                if not signals.requested():
+                    raise
+                stop_after(iteration)
             if batch.bad_images:
                 if iteration > start_iter and iteration % cfg.train.checkpoint_period:
                     save(iteration)
@@ -494,14 +512,7 @@ def train(
             ):
                 run_evaluation(done, final=False)
             if stop and done < end_iter:
-                if done % cfg.train.checkpoint_period:  # not saved just above
-                    save(done)
-                raise TrainingInterrupted(
-                    f"stopped by {signals.name} after iteration {done}: "
-                    f"{output_dir / f'model_{done:07d}.pth'} written; run again with --resume "
-                    "to continue",
-                    signals.received or signal.SIGTERM,
-                )
+                stop_after(done)
     finally:
         bar.close()
         signals.__exit__()

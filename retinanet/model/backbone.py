@@ -84,7 +84,9 @@ class ResNetBackbone(nn.Module):
         if blocks and (len(blocks) != 4 or min(blocks) < 1):
             raise ValueError(f"blocks must be 4 counts >= 1 (res2-res5), got {list(blocks)}")
         if blocks and weights:
-            raise ValueError("ImageNet weights exist only for the standard depths; leave blocks empty")
+            raise ValueError(
+                "ImageNet weights exist only for the standard depths; leave blocks empty"
+            )
         norm_layer = lambda c: make_norm(norm, c, eps=norm_eps)  # noqa: E731
         if blocks:
             block = resnet_models.BasicBlock if depth < 50 else resnet_models.Bottleneck

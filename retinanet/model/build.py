@@ -38,6 +38,7 @@ def build_model(cfg: Config, num_classes: int, load_backbone_weights: bool = Tru
         norm_eps=m.backbone.norm_eps,
         freeze_at=m.backbone.freeze_at,
         stride_in_1x1=m.backbone.stride_in_1x1,
+        blocks=m.backbone.blocks,
         weights=(m.backbone.weights or None) if load_backbone_weights else None,
     )
     fpn = FeaturePyramid(backbone.out_channels, m.fpn.channels, m.fpn.p6_source, m.fpn.norm or None)

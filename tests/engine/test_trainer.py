@@ -203,7 +203,8 @@ def test_resume_skips_a_torn_newest_checkpoint(tmp_path, tiny_config, capsys):
         assert torch.equal(expected[key], got[key]), key
 
 
-def test_sigterm_writes_a_checkpoint_that_resume_continues(tmp_path, tiny_config):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_sigterm_writes_a_checkpoint_that_resume_continues(tmp_path, tiny_config, num_workers):
     """A cluster's preemption: SIGTERM mid-run ends the process within seconds with a
     checkpoint of the current iteration, equal to the state an uninterrupted run has there
     (so resuming from it continues exactly: see test_resume_reproduces_uninterrupted_run)."""
@@ -216,7 +217,9 @@ def test_sigterm_writes_a_checkpoint_that_resume_continues(tmp_path, tiny_config
     from .conftest import REPO, tiny_overrides
 
     run_dir = tmp_path / "preempted"
-    long_run = ["train.max_iter=1000", "train.checkpoint_period=100000"]
+    # With loader workers too: they must not keep the process alive once it has stopped.
+    long_run = ["train.max_iter=1000", "train.checkpoint_period=100000",
+                f"data.num_workers={num_workers}"]  # fmt: skip
     command = [sys.executable, str(REPO / "tools" / "train.py"), "--config",
                str(REPO / "configs" / "shapes.yaml"), "--output-dir", str(run_dir), "--no-eval",
                "--device", "cpu", *tiny_overrides(Path(tiny_config.data.synthetic.root)),
@@ -255,3 +258,31 @@ def test_sigterm_writes_a_checkpoint_that_resume_continues(tmp_path, tiny_config
     resumed = train(tiny_config, run_dir, resume=True, stop_at_iteration=stopped_at + 2,
                     progress=False, evaluate=False)  # fmt: skip
     assert resumed.iterations == stopped_at + 2
+
+
+def test_a_corrupt_training_image_stops_cleanly_or_is_skipped(tmp_path):
+    from pathlib import Path
+
+    from retinanet.config import load_config
+    from retinanet.data import DatasetError
+    from retinanet.data.build import resolve_data_paths
+
+    from .conftest import REPO, tiny_overrides
+
+    # A private tiny dataset with one training image cut short.
+    cfg = load_config(REPO / "configs" / "shapes.yaml", tiny_overrides(tmp_path / "data"))
+    cfg = resolve_data_paths(cfg)
+    victim = sorted(Path(cfg.data.train.image_dir).iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:100])
+
+    with pytest.raises(DatasetError) as caught:
+        train(cfg, tmp_path / "stop", progress=False, evaluate=False)
+    message = str(caught.value)
+    assert victim.name in message and "image id" in message and "Traceback" not in message
+    assert "data.on_bad_image=skip" in message and "--resume" in message
+
+    cfg.data.on_bad_image = "skip"
+    result = train(cfg, tmp_path / "skip", progress=False, evaluate=False)
+    assert result.iterations == cfg.train.max_iter
+    logged = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x.get("skipped_images", 0) for x in logged) == 1

@@ -140,3 +140,23 @@ def test_stride_in_1x1_moves_the_stride_without_changing_shapes():
     assert [o.shape for o in out_msra] == [o.shape for o in out_v1_5]
     # Same weights, different sampling positions: different features.
     assert not torch.allclose(out_msra[0], out_v1_5[0])
+
+
+def test_blocks_per_stage_make_a_resnet10():
+    resnet10 = ResNetBackbone(depth=18, norm="bn", freeze_at=0, blocks=(1, 1, 1, 1))
+    resnet18 = ResNetBackbone(depth=18, norm="bn", freeze_at=0)
+    assert [len(s) for s in (resnet10.res2, resnet10.res3, resnet10.res4, resnet10.res5)] == [1] * 4
+    assert resnet10.out_channels == resnet18.out_channels
+    x = torch.randn(1, 3, 64, 64)
+    assert [f.shape for f in resnet10(x)] == [f.shape for f in resnet18(x)]
+    with pytest.raises(ValueError, match="4 counts"):
+        ResNetBackbone(depth=18, norm="bn", freeze_at=0, blocks=(1, 1, 1))
+    with pytest.raises(ValueError, match="ImageNet weights"):
+        ResNetBackbone(depth=18, blocks=(1, 1, 1, 1), weights="imagenet")
+
+
+def test_config_checks_blocks():
+    from retinanet.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.backbone.blocks"):
+        load_config(None, ["model.backbone.blocks=[1,1,0,1]"])
