@@ -38,7 +38,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .device import configure_cudnn
+from .device import configure_cudnn, device_name
 from .distributed import (
     barrier,
     broadcast_from_main,
@@ -246,6 +246,11 @@ def train(
     """
     output_dir = Path(output_dir)
     torch_device, amp = setup_device(device, cfg.train.amp, cfg.train.cudnn_benchmark)
+    if is_main_process() and progress:
+        print(
+            f"training on {torch_device} ({device_name(torch_device)}) in {amp or 'fp32'} "
+            f"(train.amp={cfg.train.amp or chr(39) * 2}), {get_world_size()} process(es)"
+        )
     check_trainable(cfg)
     world_size, rank = get_world_size(), get_rank()
     if cfg.train.batch_size % world_size:
