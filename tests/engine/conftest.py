@@ -21,6 +21,7 @@ def tiny_overrides(root: Path) -> list[str]:
         # model unchanged.
         "model.fpn.norm=",
         "model.head.norm=",
+        "model.backbone.blocks=[]",
         "model.anchors.sizes=[8,16,32,64,128]",
         "input.min_size=64",
         "input.max_size=64",
