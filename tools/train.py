@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         DatasetError,
         NonFiniteLossError,
-        FileNotFoundError,
+        OSError,  # a full disk, a folder that cannot be written
         ValueError,
         RuntimeError,
     ) as err:

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from retinanet.config import config_to_yaml
 from retinanet.engine import trainer as trainer_module
 from retinanet.engine.checkpoint import FINAL_CHECKPOINT, find_last_checkpoint, load_checkpoint
 from retinanet.engine.trainer import NonFiniteLossError, train
@@ -286,3 +287,40 @@ def test_a_corrupt_training_image_stops_cleanly_or_is_skipped(tmp_path):
     assert result.iterations == cfg.train.max_iter
     logged = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert max(x.get("skipped_images", 0) for x in logged) == 1
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(
+    tmp_path, tiny_config, monkeypatch, capsys
+):
+    """ENOSPC while writing a checkpoint: a one-line error, no partial file, and the checkpoints
+    written before are intact and still named for --resume."""
+    import errno
+    import importlib.util
+
+    from .conftest import REPO
+
+    real_save = torch.save
+    saves = []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) >= 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    spec = importlib.util.spec_from_file_location("train_tool", REPO / "tools" / "train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_to_yaml(tiny_config))
+    run_dir = tmp_path / "run"
+    code = tool.main(["--config", str(config), "--output-dir", str(run_dir), "--device", "cpu",
+                      "--no-eval"])  # fmt: skip
+    assert code == 1
+    assert "error: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.glob("model_*")) == ["model_0000003.pth"]
+    assert not list(run_dir.glob(".*.tmp"))  # no partial file left behind
+    assert find_last_checkpoint(run_dir).name == "model_0000003.pth"
+    assert load_checkpoint(run_dir / "model_0000003.pth")["iteration"] == 3
