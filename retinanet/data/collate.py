@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .coco import DatasetError
+
 # Tensors of a target dict, moved to the device together with the images.
 TARGET_KEYS = ("boxes", "labels", "crowd_boxes")
 
@@ -59,8 +61,6 @@ class Batch:
 def raise_on_bad_images(batch: Batch, advice: str = "") -> None:
     """Raise DatasetError with the first unreadable image's message if `batch` holds any."""
     if batch.bad_images:
-        from .coco import DatasetError
-
         more = (
             f" (and {len(batch.bad_images) - 1} more in this batch)"
             if len(batch.bad_images) > 1

@@ -29,7 +29,7 @@ from ..config import Config, load_config
 from ..data.collate import Batch
 from ..model.build import build_model
 from ..model.retinanet import RetinaNet
-from .optim import build_optimizer
+from .optim import build_optimizer, optimizer_from_config
 from .precision import autocast, grad_scaler, resolve_amp
 from .trainer import StepParts, train_step
 
@@ -369,9 +369,7 @@ def synthetic_training_step(
         model.use_channels_last()
     model.train()
     t = cfg.train
-    optimizer = build_optimizer(model, t.optimizer, t.base_lr, t.weight_decay,
-                                t.weight_decay_norm, t.momentum, t.adam_betas,
-                                t.optimizer_impl)  # fmt: skip
+    optimizer = optimizer_from_config(t, model)
     batch_size = batch_size or t.batch_size
     size = max(cfg.input.min_size)
     g = torch.Generator().manual_seed(0)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config import TrainConfig
+
 _NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -64,6 +66,22 @@ def build_optimizer(
             if implementation == "fused":
                 raise ValueError(f"train.optimizer_impl=fused: {err}") from err
     return optimizer_class(groups, **kwargs, foreach=implementation != "for_loop")
+
+
+def optimizer_from_config(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer the train.* keys describe, at the linearly scaled learning rate
+    train.base_lr * train.batch_size / train.reference_batch_size."""
+    lr = train.base_lr * train.batch_size / train.reference_batch_size
+    return build_optimizer(
+        model,
+        train.optimizer,
+        lr,
+        train.weight_decay,
+        train.weight_decay_norm,
+        train.momentum,
+        train.adam_betas,
+        train.optimizer_impl,
+    )
 
 
 def optimizer_implementation(optimizer: torch.optim.Optimizer) -> str:

@@ -52,7 +52,7 @@ from .distributed import (
 from .evaluation import CocoMetrics
 from .files import atomic_write_text, json_safe
 from .inference import evaluate_model
-from .optim import build_lr_scheduler, build_optimizer, load_optimizer_state
+from .optim import build_lr_scheduler, load_optimizer_state, optimizer_from_config
 from .precision import autocast, grad_scaler, resolve_amp
 from .signals import StopSignals, TrainingInterrupted
 
@@ -291,17 +291,7 @@ def train(
     model.to(torch_device)
     if cfg.train.channels_last:
         model.use_channels_last()
-    lr = cfg.train.base_lr * cfg.train.batch_size / cfg.train.reference_batch_size
-    optimizer = build_optimizer(
-        model,
-        cfg.train.optimizer,
-        lr,
-        cfg.train.weight_decay,
-        cfg.train.weight_decay_norm,
-        cfg.train.momentum,
-        cfg.train.adam_betas,
-        cfg.train.optimizer_impl,
-    )
+    optimizer = optimizer_from_config(cfg.train, model)
     scheduler = build_lr_scheduler(
         optimizer,
         cfg.train.max_iter,
@@ -416,10 +406,15 @@ def train(
     skipped_images: set[str] = set()
     signals = StopSignals().__enter__()
 
-    def stop_after(done: int) -> None:
-        """Write the checkpoint of `done` finished iterations (unless it exists) and stop."""
+    def save_finished(done: int) -> None:
+        """Checkpoint `done` finished iterations before stopping early, unless the periodic
+        checkpoint (or the one resumed from) already holds them."""
         if done > start_iter and done % cfg.train.checkpoint_period:
             save(done)
+
+    def stop_after(done: int) -> None:
+        """Checkpoint `done` finished iterations and stop on the signal received."""
+        save_finished(done)
         last = find_last_checkpoint(output_dir) if is_main_process() else "a checkpoint"
         raise TrainingInterrupted(
             f"stopped by {signals.name} after iteration {done}; last checkpoint: {last or 'none'}; "
@@ -443,8 +438,7 @@ def train(
                     raise
                 stop_after(iteration)
             if batch.bad_images:
-                if iteration > start_iter and iteration % cfg.train.checkpoint_period:
-                    save(iteration)
+                save_finished(iteration)
                 raise_on_bad_images(
                     batch,
                     f"stopped before iteration {iteration + 1} (last checkpoint: "

@@ -7,7 +7,7 @@ import torch
 from retinanet.config import load_config
 from retinanet.data.collate import Batch
 from retinanet.engine.host_sync import HostSyncCounter
-from retinanet.engine.optim import build_optimizer
+from retinanet.engine.optim import optimizer_from_config
 from retinanet.engine.trainer import StepParts, train_step
 from retinanet.model.build import build_model
 
@@ -53,10 +53,7 @@ def step_parts(overrides: list[str]) -> StepParts:
     if cfg.train.channels_last:
         model.use_channels_last()
     t = cfg.train
-    optimizer = build_optimizer(
-        model, t.optimizer, 1e-3, t.weight_decay, t.weight_decay_norm, t.momentum,
-        t.adam_betas, t.optimizer_impl,
-    )  # fmt: skip
+    optimizer = optimizer_from_config(t, model)  # lr 1e-3: the recipe's, at its batch size
     model.train()
     return StepParts(model, model, optimizer, t.amp, torch.device("cpu"), None, t.clip_grad_norm)
 
