@@ -135,3 +135,35 @@ def test_ddp_wrapper_arguments(fake_cuda, monkeypatch):
     assert recorded["device_ids"] is None and recorded["broadcast_buffers"] is True
     monkeypatch.setattr(trainer_module, "get_world_size", lambda: 1)
     assert wrap_distributed(model, torch.device("cpu")) is model
+
+
+class _ReachedTheGpu(Exception):
+    pass
+
+
+def test_train_with_device_cuda_gets_to_the_gpu(fake_cuda, monkeypatch, tiny_config, tmp_path):
+    """`tools/train.py --device cuda` on a one-GPU machine: set-up, dataset, model and the
+    messages run up to the first real GPU work (moving the model), which gets an indexed device."""
+    from retinanet.engine.trainer import train
+
+    moved_to = []
+    real_to = torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device = args[0] if args else kwargs.get("device")
+        if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+            moved_to.append(torch.device(device))
+            raise _ReachedTheGpu
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    fake_cuda.capability = (7, 5)  # a T4: fp16 with loss scaling
+    tiny_config.train.amp = "auto"
+    previous = torch.backends.cudnn.benchmark
+    try:
+        with pytest.raises(_ReachedTheGpu):
+            train(tiny_config, tmp_path, device="cuda", progress=True)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+    assert moved_to == [torch.device("cuda", 0)]
+    assert fake_cuda.set_device_calls == [0]
