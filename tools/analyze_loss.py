@@ -1,84 +1,8 @@
-r"""Cumulative distribution of the focal loss of a trained model (paper Figure 4).
+"""`retinanet analyze-loss` as a script (for torchrun and a checkout): `-h` lists its options."""
 
-    python tools/analyze_loss.py --weights runs/shapes/model_final.pth \
-        --output-dir runs/shapes/loss_cdf --num-images 200
-    python tools/analyze_loss.py --config configs/retinanet_R50_FPN_600.yaml \
-        --weights runs/r50_600/model_final.pth --output-dir runs/r50_600/loss_cdf \
-        --gammas 0 0.5 1 2 --num-images 500 --view binary
-
-Runs the model on a seeded random sample of data.<split> (all images by default), labels the
-anchors with the model's own matcher and re-evaluates the focal loss of every foreground and
-background sample for each gamma. Writes DIR/loss_cdf.csv, loss_cdf_summary.json, loss_cdf.png,
-loss_vs_pt.png (paper Figure 1) and loss_study.json, and prints the share of the loss carried
-by the hardest samples. --config defaults to the config stored in the checkpoint; trailing
-key=value arguments override config keys (e.g. train.amp= to run the network in fp32).
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from retinanet.analysis.loss_distribution import VIEWS  # noqa: E402
-from retinanet.analysis.loss_study import SPLITS, format_loss_summary, run_loss_study  # noqa: E402
-from retinanet.config import ConfigError  # noqa: E402
-from retinanet.data import DatasetError  # noqa: E402
-from retinanet.engine.device import resolve_device  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=None, help="YAML config (default: the checkpoint's)")
-    parser.add_argument("--weights", required=True, help="checkpoint (.pth) of this project")
-    parser.add_argument("--output-dir", required=True, help="where the curves and plots go")
-    parser.add_argument(
-        "--gammas",
-        type=float,
-        nargs="+",
-        default=[0.0, 0.5, 1.0, 2.0],
-        metavar="GAMMA",
-        help="focal-loss gammas to evaluate (default 0 0.5 1 2)",
-    )
-    parser.add_argument(
-        "--num-images", type=int, default=None, help="images to sample (default: all)"
-    )
-    parser.add_argument("--split", choices=SPLITS, default="val")
-    parser.add_argument(
-        "--view",
-        choices=VIEWS,
-        default="anchor",
-        help="anchor: one sample per anchor; binary: one per (anchor, class) pair",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(argv)
-    try:
-        study = run_loss_study(
-            args.weights,
-            args.output_dir,
-            config_path=args.config,
-            overrides=args.overrides,
-            gammas=args.gammas,
-            num_images=args.num_images,
-            split=args.split,
-            view=args.view,
-            seed=args.seed,
-            device=resolve_device(args.device),
-            progress=True,
-        )
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(format_loss_summary(study), end="")
-    print(f"-> {args.output_dir}")
-    return 0
-
+from retinanet.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["analyze-loss", *sys.argv[1:]]))

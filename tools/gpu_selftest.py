@@ -1,48 +1,8 @@
-r"""One-shot check of the GPU path, writing one JSON report (runs/gpu_selftest/report.json).
+"""`retinanet gpu-selftest` as a script (for torchrun and a checkout): `-h` lists its options."""
 
-    python tools/gpu_selftest.py                  # on a machine with a GPU: about 5 minutes
-    python tools/gpu_selftest.py --device cpu --quick   # the same code on CPU (CI runs this)
-
-Parts: environment, cuda_tests (pytest -m cuda), host_syncs (per training step, from the CUDA
-driver and from our operator counter), ddp (a one-process torchrun job, NCCL on a GPU),
-train_shapes (the shapes recipe in bf16 and its AP), benchmark (R50-FPN training step vs
-torchvision's at 800x1344, batch 16, with peak memory). Parts that cannot run here are
-reported as skipped with the reason; the exit status is 1 if any part failed.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from retinanet.engine.selftest import PARTS, SelfTestOptions, ddp_worker, run_selftest  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    parser.add_argument("--quick", action="store_true", help="CPU-sized work in every part")
-    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
-    parser.add_argument("--output-dir", default="runs/gpu_selftest")
-    parser.add_argument("--ddp-worker", metavar="REPORT", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.ddp_worker:
-        ddp_worker(args.ddp_worker, args.device)
-        return 0
-    options = SelfTestOptions(args.device, args.quick, tuple(args.parts), Path(args.output_dir))
-    try:
-        report = run_selftest(options)
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"report: {Path(args.output_dir) / 'report.json'} ({report['seconds']} s)")
-    return 0 if report["ok"] else 1
-
+from retinanet.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["gpu-selftest", *sys.argv[1:]]))

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from retinanet.analysis.ablation import (
     setting_config,
     setting_status,
 )
+from retinanet.cli import main as cli
 from retinanet.config import ConfigError, config_to_yaml, load_config
 from retinanet.data.build import resolve_data_paths
 from retinanet.engine.files import atomic_write_json, atomic_write_text
@@ -23,9 +23,6 @@ from retinanet.engine.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = REPO / "configs" / "shapes.yaml"
-sys.path.insert(0, str(REPO / "tools"))
-
-import ablate  # noqa: E402
 
 
 class FakeTrain:
@@ -213,28 +210,28 @@ def test_failed_setting_is_recorded_and_the_grid_goes_on(
 
 
 def test_tool_lists_and_reports_bad_input(tmp_path, capsys):
-    assert ablate.main(["--grid", "modulation", "--list"]) == 0
+    assert cli(["ablate", "--grid", "modulation", "--list"]) == 0
     assert capsys.readouterr().out.split() == [
         "power_gamma2",
         "exponential_beta1",
         "exponential_beta2",
         "exponential_beta5",
     ]
-    assert ablate.main(["--grid", "table9", "--list"]) == 1
+    assert cli(["ablate", "--grid", "table9", "--list"]) == 1
     assert "unknown grid 'table9'" in capsys.readouterr().err
     base = ["--config", str(SHAPES), "--output-dir", str(tmp_path), "--grid", "table1b"]
-    assert ablate.main([*base, "--only", "gamma3.0_alpha0.25"]) == 1
+    assert cli(["ablate", *base, "--only", "gamma3.0_alpha0.25"]) == 1
     assert "no setting 'gamma3.0_alpha0.25'" in capsys.readouterr().err
-    assert ablate.main(["--config", str(tmp_path / "missing.yaml"), "--output-dir", "x"]) == 1
+    assert cli(["ablate", "--config", str(tmp_path / "missing.yaml"), "--output-dir", "x"]) == 1
     assert "missing.yaml" in capsys.readouterr().err
-    assert ablate.main(["--grid", "table1b"]) == 1
+    assert cli(["ablate", "--grid", "table1b"]) == 1
     assert "--config and --output-dir are required" in capsys.readouterr().err
 
 
 def test_tool_trains_one_setting_end_to_end(tmp_path, tiny_config_overrides, capsys):
     args = ["--config", str(SHAPES), "--output-dir", str(tmp_path), "--grid", "calibration"]
     args += ["--only", "gamma3", "--max-iter", "1", "--device", "cpu", *tiny_config_overrides]
-    assert ablate.main(args) == 0
+    assert cli(["ablate", *args]) == 0
     assert "| gamma3 | finished | 3 | 0.25 |" in capsys.readouterr().out
     assert (tmp_path / "gamma3" / "model_final.pth").is_file()
     [row] = _read_csv(tmp_path / "ablation.csv")

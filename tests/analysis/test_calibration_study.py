@@ -2,7 +2,6 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from retinanet.analysis.calibration_study import (
     collect_predictions,
     model_name,
 )
+from retinanet.cli import main as cli
 from retinanet.data import build_test_loader
 from retinanet.data.build import build_dataset, resolve_data_paths
 from retinanet.engine.checkpoint import load_checkpoint, load_trained_model
@@ -28,9 +28,7 @@ from retinanet.engine.evaluation import detections_to_coco_results, evaluate_coc
 from retinanet.engine.inference import run_inference
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
 
-import calibrate  # noqa: E402
 
 CPU = torch.device("cpu")
 KEEP_ALL = ["model.inference.score_threshold=0", "model.inference.max_detections=1000"]
@@ -110,7 +108,7 @@ def test_tool_reports_calibration_of_each_checkpoint(tiny_checkpoint, tmp_path, 
     out = tmp_path / "calibration"
     args = ["--weights", *map(str, checkpoints), "--output-dir", str(out), "--device", "cpu"]
     options = ["--bins", "50", "--seed", "1", "--min-score", "0.02"]
-    assert calibrate.main([*args, *options, *KEEP_ALL]) == 0
+    assert cli(["calibrate", *args, *options, *KEEP_ALL]) == 0
     assert "gamma0" in capsys.readouterr().out
 
     names = ["gamma2", "gamma0"]
@@ -171,21 +169,24 @@ def test_tool_reports_calibration_of_each_checkpoint(tiny_checkpoint, tmp_path, 
 def test_tool_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "out")
     missing = str(tmp_path / "nope.pth")
-    assert calibrate.main(["--weights", str(tiny_checkpoint), missing, "--output-dir", out]) == 1
+    assert cli(["calibrate", "--weights", str(tiny_checkpoint), missing, "--output-dir", out]) == 1
     assert "nope.pth" in capsys.readouterr().err
 
     copy = tmp_path / tiny_checkpoint.parent.name / "model_final.pth"
     copy.parent.mkdir()
     copy.write_bytes(tiny_checkpoint.read_bytes())
-    assert calibrate.main(["--weights", str(tiny_checkpoint), str(copy), "--output-dir", out]) == 1
+    assert (
+        cli(["calibrate", "--weights", str(tiny_checkpoint), str(copy), "--output-dir", out]) == 1
+    )
     err = capsys.readouterr().err
     assert "would both be named" in err and str(copy) in err
 
     assert (
-        calibrate.main(["--weights", str(tiny_checkpoint), "train.amp=", "--output-dir", out]) == 1
+        cli(["calibrate", "--weights", str(tiny_checkpoint), "train.amp=", "--output-dir", out])
+        == 1
     )
     assert "put key=value overrides before --weights" in capsys.readouterr().err
 
     args = ["--weights", str(tiny_checkpoint), "--output-dir", out, "--device", "cpu"]
-    assert calibrate.main([*args, "--min-score", "1.5"]) == 1
+    assert cli(["calibrate", *args, "--min-score", "1.5"]) == 1
     assert "min_score" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,13 @@ from retinanet.analysis.loss_study import (
     collect_loss_distribution,
     sample_image_indices,
 )
+from retinanet.cli import main as cli
 from retinanet.data import collate_detection
 from retinanet.data.build import build_dataset, resolve_data_paths
 from retinanet.engine.checkpoint import load_trained_model
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
 
-import analyze_loss  # noqa: E402
 
 # Without low-quality matches the matcher is the paper's rule, which the tests recompute.
 PAPER_MATCHER = ["model.matcher.allow_low_quality_matches=false"]
@@ -93,7 +91,7 @@ def test_tool_writes_curves_of_the_matched_anchors_of_the_sampled_image(
 ):
     out = tmp_path / "loss"
     args = ["--weights", str(tiny_checkpoint), "--output-dir", str(out), "--device", "cpu"]
-    assert analyze_loss.main([*args, "--num-images", "1", "--seed", "5", *PAPER_MATCHER]) == 0
+    assert cli(["analyze-loss", *args, "--num-images", "1", "--seed", "5", *PAPER_MATCHER]) == 0
     printed = capsys.readouterr().out
     assert "hardest 10%" in printed and "foreground" in printed
 
@@ -213,11 +211,11 @@ def test_background_anchors_in_batch_padding_are_left_out(tiny_checkpoint):
 
 def test_tool_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert analyze_loss.main(["--weights", str(tmp_path / "nope.pth"), "--output-dir", out]) == 1
+    assert cli(["analyze-loss", "--weights", str(tmp_path / "nope.pth"), "--output-dir", out]) == 1
     assert "nope.pth" in capsys.readouterr().err
 
     args = ["--weights", str(tiny_checkpoint), "--output-dir", out, "--device", "cpu"]
-    assert analyze_loss.main([*args, "--num-images", "9"]) == 1
+    assert cli(["analyze-loss", *args, "--num-images", "9"]) == 1
     err = capsys.readouterr().err
     assert "split 'val'" in err and "only 8 are available" in err
 
@@ -227,6 +225,6 @@ def test_tool_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
         "model.matcher.bg_iou_threshold=1.0",
         *PAPER_MATCHER,
     ]
-    assert analyze_loss.main([*args, "--num-images", "2", "--split", "train", *unreachable]) == 1
+    assert cli(["analyze-loss", *args, "--num-images", "2", "--split", "train", *unreachable]) == 1
     err = capsys.readouterr().err
     assert "no foreground anchors in the 2 images of split 'train'" in err

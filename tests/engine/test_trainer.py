@@ -295,9 +295,8 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(
     """ENOSPC while writing a checkpoint: a one-line error, no partial file, and the checkpoints
     written before are intact and still named for --resume."""
     import errno
-    import importlib.util
 
-    from .conftest import REPO
+    from retinanet.cli import main as cli
 
     real_save = torch.save
     saves = []
@@ -310,13 +309,10 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
-    spec = importlib.util.spec_from_file_location("train_tool", REPO / "tools" / "train.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     config = tmp_path / "tiny.yaml"
     config.write_text(config_to_yaml(tiny_config))
     run_dir = tmp_path / "run"
-    code = tool.main(["--config", str(config), "--output-dir", str(run_dir), "--device", "cpu",
+    code = cli(["train", "--config", str(config), "--output-dir", str(run_dir), "--device", "cpu",
                       "--no-eval"])  # fmt: skip
     assert code == 1
     assert "error: [Errno 28] No space left on device" in capsys.readouterr().err

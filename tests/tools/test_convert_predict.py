@@ -8,12 +8,11 @@ import pytest
 import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
+from retinanet.cli import main as cli
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "tests" / "model"))
 
-import convert  # noqa: E402
-import predict  # noqa: E402
 from test_torchvision_equivalence import _assert_same_detections, _randomise, _test_image  # noqa: E402
 
 
@@ -30,8 +29,9 @@ def test_convert_then_predict_matches_torchvision(tmp_path):
     torch.save(reference.state_dict(), tmp_path / "tv.pth")
 
     assert (
-        convert.main(
+        cli(
             [
+                "convert",
                 "--from",
                 "torchvision",
                 str(tmp_path / "tv.pth"),
@@ -43,7 +43,7 @@ def test_convert_then_predict_matches_torchvision(tmp_path):
     )
     out = tmp_path / "predictions"
     args = ["--weights", str(tmp_path / "ours.pth"), "--input", str(inputs), "--output", str(out)]
-    assert predict.main([*args, "--score-threshold", "0.06", "--device", "cpu"]) == 0
+    assert cli(["predict", *args, "--score-threshold", "0.06", "--device", "cpu"]) == 0
 
     entries = json.loads((out / "predictions.json").read_text())
     assert [e["file_name"] for e in entries] == ["scene.png"]
@@ -63,8 +63,9 @@ def test_convert_then_predict_matches_torchvision(tmp_path):
 
 def test_convert_errors_name_the_file(tmp_path, capsys):
     assert (
-        convert.main(
+        cli(
             [
+                "convert",
                 "--from",
                 "torchvision",
                 str(tmp_path / "nope.pth"),
@@ -78,7 +79,8 @@ def test_convert_errors_name_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, bad)
     assert (
-        convert.main(["--from", "torchvision", str(bad), "--output", str(tmp_path / "o.pth")]) == 1
+        cli(["convert", "--from", "torchvision", str(bad), "--output", str(tmp_path / "o.pth")])
+        == 1
     )
     assert "fc.weight" in capsys.readouterr().err  # the key that gives it away
     assert not (tmp_path / "o.pth").exists()
@@ -87,7 +89,7 @@ def test_convert_errors_name_the_file(tmp_path, capsys):
 def test_predict_refuses_to_overwrite_inputs(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(b"")
     assert (
-        predict.main(["--weights", "w.pth", "--input", str(tmp_path), "--output", str(tmp_path)])
+        cli(["predict", "--weights", "w.pth", "--input", str(tmp_path), "--output", str(tmp_path)])
         == 1
     )
     assert "overwrite" in capsys.readouterr().err
@@ -96,8 +98,16 @@ def test_predict_refuses_to_overwrite_inputs(tmp_path, capsys):
 @pytest.mark.parametrize("bad", ["missing.png"])
 def test_predict_missing_input(tmp_path, capsys, bad):
     assert (
-        predict.main(
-            ["--weights", "w.pth", "--input", str(tmp_path / bad), "--output", str(tmp_path / "o")]
+        cli(
+            [
+                "predict",
+                "--weights",
+                "w.pth",
+                "--input",
+                str(tmp_path / bad),
+                "--output",
+                str(tmp_path / "o"),
+            ]
         )
         == 1
     )

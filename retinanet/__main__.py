@@ -1,0 +1,5 @@
+import sys
+
+from retinanet.cli import main
+
+sys.exit(main())

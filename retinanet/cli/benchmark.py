@@ -1,0 +1,113 @@
+r"""Speed, measured side by side in one run (alternating calls; medians; ratio = ours / other).
+
+    retinanet benchmark                        # loss + postprocessing vs torchvision, CPU
+    retinanet benchmark --train-step           # + the R50-FPN training step vs torchvision
+    retinanet benchmark --device cuda --train-step --amp auto --channels-last --batch 16 \
+        --height 800 --width 1344 --output bench.json
+    retinanet benchmark --no-parts --recipe configs/shapes.yaml   # the recipe's step on
+        # this CPU (train.amp=auto) and emulating an AVX2-only CPU in fp32
+    retinanet benchmark --no-parts --compile configs/shapes.yaml  # compiled vs eager
+
+Targets: loss <= 0.35x and postprocessing <= 0.5x of torchvision's time; training step
+<= 0.7x on CPU and >= 2.5x faster on a GPU (800x1344, batch 16, bf16); compiled <= 1.0x eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from retinanet.engine.benchmark import (
+    benchmark_compile,
+    benchmark_loss,
+    benchmark_postprocess,
+    benchmark_recipe_modes,
+    benchmark_train_step,
+)
+from retinanet.engine.device import device_name, resolve_device
+from retinanet.engine.files import atomic_write_json
+from retinanet.engine.precision import resolve_amp
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-parts", action="store_true", help="skip loss and postprocessing")
+    parser.add_argument("--train-step", action="store_true", help="time a R50-FPN training step")
+    parser.add_argument("--amp", default="", help="'' (fp32), auto, bf16, fp16: train step")
+    parser.add_argument("--channels-last", action="store_true", help="train step channels-last")
+    parser.add_argument("--batch", type=int, default=2, help="train step batch size")
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1088)
+    parser.add_argument("--recipe", metavar="CONFIG", help="time CONFIG's step: native vs AVX2")
+    parser.add_argument("--steps", type=int, default=10, help="--recipe: steps per process")
+    parser.add_argument("--rounds", type=int, default=2, help="--recipe: processes per mode")
+    parser.add_argument("--compile", metavar="CONFIG", help="time CONFIG's step compiled vs eager")
+    parser.add_argument("--output", default=None, help="write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    amp = resolve_amp(args.amp, device)
+    torch.manual_seed(0)
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(
+        f"device: {device} ({device_name(device)}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, CPU {cpu}"
+    )
+    comparisons, modes = [], []
+    if not args.no_parts:
+        comparisons += [
+            benchmark_loss(device, repeats=args.repeats),
+            benchmark_postprocess(device, "trained", repeats=args.repeats),
+            benchmark_postprocess(device, "untrained", repeats=args.repeats),
+        ]
+    if args.train_step:
+        target = 0.7 if device.type == "cpu" else 1 / 2.5
+        comparisons.append(
+            benchmark_train_step(
+                device,
+                args.batch,
+                args.height,
+                args.width,
+                amp,
+                args.channels_last,
+                max(2, args.repeats // 2),
+                target_ratio=target,
+            )  # fmt: skip
+        )
+    if args.compile:
+        comparisons.append(
+            benchmark_compile(args.compile, device, args.amp or "auto", repeats=args.repeats)
+        )
+    if args.recipe:
+        modes.append(benchmark_recipe_modes(args.recipe, args.steps, args.rounds))
+    for c in comparisons:
+        verdict = ""
+        if c.target_ratio is not None:
+            met = "met" if c.ratio <= c.target_ratio else "NOT met"
+            verdict = f" (target <= {c.target_ratio:.2f}x: {met})"
+        memory = ""
+        if getattr(c, "ours_peak_mib", None) is not None:
+            memory = (
+                f"; peak memory ours {c.ours_peak_mib:.0f} MiB, "
+                f"other {c.torchvision_peak_mib:.0f} MiB"
+            )
+        print(f"{c.name}: ours {c.ours_s:.4f} s, other {c.torchvision_s:.4f} s, "
+              f"ratio {c.ratio:.3f}x{verdict}{memory}")  # fmt: skip
+    for m in modes:
+        timings = ", ".join(f"{k} {v:.3f} s ({m.details[k]})" for k, v in m.seconds.items())
+        print(f"{m.name}: {timings}")
+    if args.output:
+        atomic_write_json(
+            args.output,
+            {
+                "device": str(device),
+                "device_name": device_name(device),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "results": [c.to_dict() for c in comparisons] + [m.to_dict() for m in modes],
+            },
+        )
+    return 0
