@@ -1,17 +1,26 @@
 """COCO-format detection datasets: an image folder plus an instances JSON, read through
 pycocotools and checked up front so that bad input fails at construction with a message that
-names the file, image id or annotation id at fault, never deep inside a DataLoader worker."""
+names the file, image id or annotation id at fault, never deep inside a DataLoader worker.
+
+The rules live in one place: `read_coco_annotations` / `check_coco_dict` list every problem of
+an annotation file (`DatasetProblem`), `decode_image` every problem of an image; the dataset
+refuses the first error and warns about the repairs, evaluation refuses the first error of its
+ground truth, and `retinanet check-dataset` (`retinanet.data.check`) lists them all.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
+import math
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -21,17 +30,127 @@ from pycocotools.coco import COCO
 from retinanet.data.transforms import DetectionTransform
 
 _MAX_NAMED = 3  # how many offending files an error message lists before "..."
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # ids are stored as int64
+_MAX_SHOWN = 60  # characters of a bad value quoted in a message
+
+ERROR, REPAIR = "error", "repair"
 
 
 class DatasetError(ValueError):
     """A dataset file, folder or record that cannot be used; the message names the culprit."""
 
 
-BAD_IMAGE_POLICIES = ("stop", "skip")
+class ImageError(DatasetError):
+    """An image that cannot be used: `code` is "missing", "unreadable", "undecodable",
+    "truncated" or "size_mismatch"."""
+
+    def __init__(self, message: str, code: str, image_id: int, path: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.image_id = image_id
+        self.path = path
+
+
+# What an unreadable training image does: stop the run, or skip to the next readable image.
+OnBadImage = Literal["stop", "skip"]
+BAD_IMAGE_POLICIES: tuple[str, ...] = get_args(OnBadImage)
 
 
 class DatasetWarning(UserWarning):
     """Records that were repaired (clipped) or skipped while loading a dataset."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetProblem:
+    """One thing wrong with a COCO-format dataset.
+
+    severity: "error" (the dataset is refused, or the image cannot be used) or "repair" (the
+        loader clips the box, drops it or skips the annotation, with a `DatasetWarning`).
+    kind: "file" (the annotation file or image folder as a whole), "category", "image" or
+        "annotation".
+    code: a short name of the rule broken, e.g. "missing", "duplicate_id", "unknown_category".
+    message: what is wrong, naming the record (and for images the file).
+    id: the record's id; None when it has no usable one.
+    position: the record's index in its JSON list (None for problems found on disk).
+    file_name: the image's `file_name` (images only).
+    """
+
+    severity: str
+    kind: str
+    code: str
+    message: str
+    id: int | None = None
+    position: int | None = None
+    file_name: str | None = None
+
+
+@dataclasses.dataclass
+class CocoRecords:
+    """The usable content of an instances JSON and everything wrong with it.
+
+    category_ids: sorted dataset category ids; class_names: their names, in that order.
+    image_ids: (I,) int64 sorted ids of the valid image records; file_names: theirs;
+        widths, heights: (I,) float64 pixels from the JSON.
+    boxes: (A, 4) float32 xyxy original pixels, clipped to the image; labels: (A,) int64 in
+        [0, len(category_ids)); is_crowd: (A,) bool; image_index: (A,) int64 row in image_ids
+        (the annotations the loader keeps).
+    num_images, num_annotations, num_categories: records in the file, valid or not.
+    problems: errors and repairs, in file order within each kind.
+    """
+
+    source: str
+    category_ids: list[int]
+    class_names: list[str]
+    image_ids: np.ndarray
+    file_names: list[str]
+    widths: np.ndarray
+    heights: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    is_crowd: np.ndarray
+    image_index: np.ndarray
+    num_images: int
+    num_annotations: int
+    num_categories: int
+    problems: list[DatasetProblem]
+
+    @property
+    def errors(self) -> list[DatasetProblem]:
+        return [p for p in self.problems if p.severity == ERROR]
+
+    @property
+    def repairs(self) -> list[DatasetProblem]:
+        return [p for p in self.problems if p.severity == REPAIR]
+
+    def raise_on_errors(self) -> None:
+        """DatasetError with the first error, and how many more there are."""
+        errors = self.errors
+        if errors:
+            more = (
+                f" (and {len(errors) - 1} more problems: `retinanet check-dataset` lists them)"
+                if len(errors) > 1
+                else ""
+            )
+            raise DatasetError(f"{self.source}: {errors[0].message}{more}")
+
+    def warn_repairs(self, stacklevel: int = 2) -> None:
+        """One DatasetWarning counting each kind of repair, with an example annotation id."""
+        parts = []
+        for code, what in _REPAIR_SUMMARIES.items():
+            cases = [p for p in self.problems if p.code == code and p.severity == REPAIR]
+            if cases:
+                parts.append(what.format(n=len(cases)) + f" (e.g. annotation id {cases[0].id})")
+        if parts:
+            warnings.warn(
+                f"{self.source}: " + ", ".join(parts), DatasetWarning, stacklevel=stacklevel + 1
+            )
+
+
+_REPAIR_SUMMARIES = {
+    "clipped_box": "clipped {n} boxes to their image",
+    "degenerate_box": "dropped {n} degenerate boxes (w or h < 1 px)",
+    "unknown_image": "skipped {n} annotations whose image_id is not in 'images'",
+}
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -66,9 +185,11 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id: int; orig_size: (H0, W0) as stored on disk; size: (H, W) of `image`.
 
     Raises:
-        DatasetError: missing JSON or folder, malformed JSON, missing keys, duplicate ids, an
-            unknown category id, image files missing on disk, and (when an item is read) an
-            image that cannot be decoded or whose size disagrees with the JSON.
+        DatasetError: missing JSON or folder, malformed JSON, records with missing keys or values
+            of the wrong type (ids must be integers, boxes four finite numbers), duplicate ids, an
+            unknown category id, image files missing on disk, and (when an item is read) an image
+            that cannot be decoded or whose size disagrees with the JSON. The message names the
+            first problem; `retinanet check-dataset` lists them all.
     """
 
     def __init__(
@@ -92,23 +213,18 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(f"annotation file not found: {self.annotation_file}")
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder not found: {self.image_dir}")
-        data = _load_json(self.annotation_file)
+        records = read_coco_annotations(self.annotation_file)
+        records.raise_on_errors()
+        records.warn_repairs(stacklevel=2)
 
-        categories = _read_categories(data, self.annotation_file)
-        self.category_ids: list[int] = sorted(categories)
-        self.class_names: list[str] = [categories[c] for c in self.category_ids]
+        self.category_ids: list[int] = records.category_ids
+        self.class_names: list[str] = records.class_names
         self.category_id_to_label: dict[int, int] = {
             c: label for label, c in enumerate(self.category_ids)
         }
-
-        image_ids, file_names, widths, heights = _read_images(data, self.annotation_file)
-        order = np.argsort(image_ids, kind="stable")
-        image_ids, widths, heights = image_ids[order], widths[order], heights[order]
-        file_names = [file_names[i] for i in order]
-
-        boxes, labels, is_crowd, image_index = self._clean_annotations(
-            data, image_ids, widths, heights
-        )
+        image_ids, widths, heights = records.image_ids, records.widths, records.heights
+        file_names = records.file_names
+        image_index, is_crowd = records.image_index, records.is_crowd
         # Annotations sorted by image so that image i owns rows offsets[i]:offsets[i + 1]; flat
         # numpy arrays (not per-image lists) also keep forked workers from copying them on read.
         by_image = np.argsort(image_index, kind="stable")
@@ -124,8 +240,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 heights[keep_image],
             )
             file_names = [file_names[i] for i in np.flatnonzero(keep_image)]
-        self._boxes = boxes[by_image]
-        self._labels = labels[by_image]
+        self._boxes = records.boxes[by_image]
+        self._labels = records.labels[by_image]
         self._is_crowd = is_crowd[by_image]
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -139,14 +255,11 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @functools.cached_property
     def coco(self) -> COCO:
-        """pycocotools index of the annotation file, as stored (for evaluation). Built on first
+        """pycocotools index of the annotation file as stored, with the keys COCOeval reads
+        filled in where the file omits them (see `complete_for_evaluation`). Built on first
         use: training never needs it, and DataLoader workers forked from a dataset holding the
         whole annotation file as Python objects would each end up copying it."""
-        coco = COCO()
-        coco.dataset = _load_json(self.annotation_file)
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco.createIndex()
-        return coco
+        return coco_index(complete_for_evaluation(_load_json(self.annotation_file)))
 
     @property
     def num_classes(self) -> int:
@@ -174,24 +287,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def read_image(self, index: int) -> np.ndarray:
         """(H0, W0, 3) uint8 RGB pixels of image `index`, exactly as stored (EXIF orientation is
         ignored, as in the COCO annotations)."""
-        path, image_id = self._paths[index], self.image_ids[index]
-        try:
-            encoded = np.fromfile(path, dtype=np.uint8)
-        except OSError as e:
-            raise DatasetError(f"cannot read image {path} (image id {image_id}): {e}") from e
-        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-        bgr = cv2.imdecode(encoded, flags) if encoded.size else None
-        if bgr is None:
-            raise DatasetError(
-                f"cannot decode image {path} (image id {image_id}): corrupt or not an image"
-            )
         expected = (int(self._heights[index]), int(self._widths[index]))
-        if bgr.shape[:2] != expected:
-            raise DatasetError(
-                f"image {path} (image id {image_id}) is {bgr.shape[1]}x{bgr.shape[0]} pixels but "
-                f"{self.annotation_file} says {expected[1]}x{expected[0]}"
-            )
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return decode_image(
+            self._paths[index], self.image_ids[index], expected, self.annotation_file
+        )
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -235,57 +334,6 @@ class CocoDetection(torch.utils.data.Dataset):
             "size": (image.shape[0], image.shape[1]),
         }
 
-    def _clean_annotations(
-        self,
-        data: dict[str, Any],
-        image_ids: np.ndarray,
-        widths: np.ndarray,
-        heights: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Validate, clip and filter the annotations. Returns boxes (A, 4) float32 xyxy original
-        pixels, labels (A,) int64, is_crowd (A,) bool, image_index (A,) int64 (row in image_ids,
-        which is sorted)."""
-        source = self.annotation_file
-        ann_ids, ann_image_ids, cat_ids, xywh, crowd = _read_annotations(data, source)
-
-        known_cat = np.isin(cat_ids, self.category_ids)
-        if not known_cat.all():
-            bad = np.flatnonzero(~known_cat)
-            raise DatasetError(
-                f"{source}: {len(bad)} annotations use a category id not in 'categories', e.g. "
-                f"annotation id {ann_ids[bad[0]]} has category_id {cat_ids[bad[0]]}"
-            )
-        labels = np.searchsorted(self.category_ids, cat_ids).astype(np.int64)
-
-        # image_ids is sorted and non-empty: pos is the row of each annotation's image if any.
-        pos = np.minimum(np.searchsorted(image_ids, ann_image_ids), len(image_ids) - 1)
-        known_image = image_ids[pos] == ann_image_ids
-
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        limits = np.stack([widths[pos], heights[pos], widths[pos], heights[pos]], axis=1)
-        clipped_boxes = np.clip(boxes, 0.0, limits)
-        degenerate = (clipped_boxes[:, 2:] - clipped_boxes[:, :2] < 1.0).any(axis=1)
-        was_clipped = (clipped_boxes != boxes).any(axis=1) & ~degenerate
-
-        keep = known_image & ~degenerate
-        problems = []
-        for mask, what in (
-            (was_clipped & known_image, "clipped {n} boxes to their image"),
-            (degenerate & known_image, "dropped {n} degenerate boxes (w or h < 1 px)"),
-            (~known_image, "skipped {n} annotations whose image_id is not in 'images'"),
-        ):
-            if mask.any():
-                example = ann_ids[np.flatnonzero(mask)[0]]
-                problems.append(what.format(n=int(mask.sum())) + f" (e.g. annotation id {example})")
-        if problems:
-            warnings.warn(f"{source}: " + ", ".join(problems), DatasetWarning, stacklevel=3)
-        return (
-            clipped_boxes[keep].astype(np.float32),
-            labels[keep],
-            crowd[keep],
-            pos[keep].astype(np.int64),
-        )
-
     def _check_files_exist(self) -> None:
         missing = [i for i, path in enumerate(self._paths) if not os.path.isfile(path)]
         if missing:
@@ -299,6 +347,180 @@ class CocoDetection(torch.utils.data.Dataset):
             )
 
 
+def decode_image(
+    path: str | os.PathLike,
+    image_id: int,
+    expected_size: tuple[int, int] | None = None,
+    annotation_file: str | os.PathLike = "the annotation file",
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB pixels of the image file `path`, as stored (EXIF orientation ignored,
+    as in the COCO annotations); `expected_size` (H, W) is what the JSON says.
+
+    Raises ImageError: the file is missing or unreadable, is a JPEG or PNG cut short (some
+    decoders fill the missing rows with grey instead of failing), does not decode, or has
+    another size."""
+    path = str(path)
+    try:
+        encoded = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError as e:
+        raise ImageError(f"image {path} (image id {image_id}) is missing", "missing", image_id,
+                         path) from e  # fmt: skip
+    except (OSError, ValueError) as e:  # ValueError: a name the OS cannot represent
+        raise ImageError(
+            f"cannot read image {path} (image id {image_id}): {e}", "unreadable", image_id, path
+        ) from e
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(encoded, flags) if encoded.size else None
+    # Checked whether or not it decoded: OpenCV 5 refuses a cut-short JPEG, 4.x pads it with
+    # grey and succeeds; either way the message says what happened.
+    if _is_truncated(encoded):
+        raise ImageError(
+            f"image {path} (image id {image_id}) is truncated: the file ends before the image "
+            "data does",
+            "truncated",
+            image_id,
+            path,
+        )
+    if bgr is None:
+        raise ImageError(
+            f"cannot decode image {path} (image id {image_id}): corrupt or not an image",
+            "undecodable",
+            image_id,
+            path,
+        )
+    if expected_size is not None and bgr.shape[:2] != tuple(expected_size):
+        height, width = expected_size
+        raise ImageError(
+            f"image {path} (image id {image_id}) is {bgr.shape[1]}x{bgr.shape[0]} pixels but "
+            f"{annotation_file} says {width}x{height}",
+            "size_mismatch",
+            image_id,
+            path,
+        )
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _is_truncated(encoded: np.ndarray) -> bool:
+    """A JPEG whose image data has no end-of-image marker, or a PNG without its IEND chunk.
+    OpenCV 4 decodes a cut-short JPEG "successfully", padding the missing rows with grey, so a
+    broken download would otherwise train as half an image."""
+    data = encoded.tobytes()
+    if data.startswith(b"\xff\xd8"):
+        return not _jpeg_is_complete(data)
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" not in data[-65536:]
+    return False
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """Walk the segments to the first scan (skipping APPn payloads, where an EXIF thumbnail has
+    an end marker of its own) and look for the end-of-image marker after it: inside the
+    entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the first
+    0xFF 0xD9 there is the real end."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return True  # not the layout this walk understands: leave it to the decoder
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", i + 2) != -1
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return False
+
+
+def read_coco_annotations(annotation_file: str | os.PathLike) -> CocoRecords:
+    """Read and check an instances JSON: `check_coco_dict` of its content.
+
+    Raises DatasetError only when the file as a whole is unusable (missing, not JSON, not an
+    object with 'images' and 'categories' lists); problems of records are listed instead."""
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise DatasetError(f"annotation file not found: {path}")
+    return check_coco_dict(_load_json(path), str(path))
+
+
+def check_coco_dict(data: Any, source: str) -> CocoRecords:
+    """Check the content of an instances JSON (as json.load returns it) against the loader's
+    rules and collect the usable records, in the form `CocoRecords` describes.
+
+    Rules: every category has an integer id and a string name; every image an integer id, a
+    string file_name and whole-number width and height >= 1; every annotation integer id,
+    image_id and category_id and a bbox of four finite numbers, optionally iscrowd 0 or 1 and a
+    finite area >= 0; ids are unique within their kind; an annotation's category exists
+    (errors). An annotation of an image not in 'images' is skipped, a box partly outside its
+    image clipped, a box under 1 px wide or high dropped (repairs).
+
+    Raises DatasetError when `data` is not an object with 'images' and 'categories' lists (and
+    'annotations', if present, a list)."""
+    _check_structure(data, source)
+    problems: list[DatasetProblem] = []
+    categories = _read_categories(data["categories"], problems)
+    images = _read_images(data["images"], problems)
+    category_ids = sorted(categories)
+    annotations = _read_annotations(data.get("annotations", []), problems)
+    boxes, labels, is_crowd, image_index = _resolve_annotations(
+        annotations, category_ids, images, problems
+    )
+    image_ids, file_names, widths, heights, _ = images
+    order = np.argsort(_kind_order(problems), kind="stable")
+    return CocoRecords(
+        source=source,
+        category_ids=category_ids,
+        class_names=[categories[c] for c in category_ids],
+        image_ids=image_ids,
+        file_names=file_names,
+        widths=widths,
+        heights=heights,
+        boxes=boxes,
+        labels=labels,
+        is_crowd=is_crowd,
+        image_index=image_index,
+        num_images=len(data["images"]),
+        num_annotations=len(data.get("annotations", [])),
+        num_categories=len(data["categories"]),
+        problems=[problems[i] for i in order],
+    )
+
+
+def complete_for_evaluation(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with what COCOeval reads but COCO files may leave out filled in: 'annotations'
+    (empty), an annotation's 'iscrowd' (0) and 'area' (the box's w * h, the usual stand-in for
+    datasets without masks; 0 for a box with a negative side). The records given are not
+    modified; `data` itself is returned when nothing is missing."""
+    annotations = data.get("annotations")
+    if annotations is None:
+        return {**data, "annotations": []}
+    if all(isinstance(a, dict) and "area" in a and "iscrowd" in a for a in annotations):
+        return data
+    completed = []
+    for ann in annotations:
+        if isinstance(ann, dict) and ("area" not in ann or "iscrowd" not in ann):
+            ann = dict(ann)
+            ann.setdefault("iscrowd", 0)
+            if "area" not in ann:
+                # A box with a negative side (dropped for training, kept as COCO has it for
+                # evaluation) covers nothing.
+                bbox = ann.get("bbox")
+                area = max(float(bbox[2]), 0.0) * max(float(bbox[3]), 0.0)
+                ann["area"] = min(area, sys.float_info.max)  # finite, as the rules require
+        completed.append(ann)
+    return {**data, "annotations": completed}
+
+
+def coco_index(data: dict[str, Any]) -> COCO:
+    """A pycocotools COCO over `data` (checked first: see `check_coco_dict`), built quietly."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
 def _load_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -307,107 +529,344 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise DatasetError(f"malformed JSON in {path}: {e}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read annotation file {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object at the top level")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{path}: missing or non-list key '{key}'")
-    if not isinstance(data.get("annotations", []), list):
-        raise DatasetError(f"{path}: key 'annotations' is not a list")
-    data.setdefault("annotations", [])
+    except RecursionError as e:
+        raise DatasetError(f"malformed JSON in {path}: nested too deeply") from e
+    _check_structure(data, str(path))
     return data
 
 
-def _read_categories(data: dict[str, Any], source: Path) -> dict[int, str]:
-    """category id -> name."""
+def _check_structure(data: Any, source: str) -> None:
+    if not isinstance(data, dict):
+        raise DatasetError(f"{source}: expected a JSON object at the top level")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{source}: missing or non-list key '{key}'")
+    if not isinstance(data.get("annotations", []), list):
+        raise DatasetError(f"{source}: key 'annotations' is not a list")
+
+
+def _kind_order(problems: list[DatasetProblem]) -> list[int]:
+    order = {"file": 0, "category": 1, "image": 2, "annotation": 3}
+    return [order[p.kind] for p in problems]
+
+
+def _is_int(value: Any) -> bool:
+    """An integer id: within int64 (how ids are stored), and not a JSON true/false (which
+    Python and numpy would read as 1/0, but faster-coco-eval refuses)."""
+    return (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, bool)
+        and _INT64_MIN <= value <= _INT64_MAX
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating))
+
+
+def _is_finite(value: Any) -> bool:
+    """A number that is finite as a float (an int too large for a float is not)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def _culprit(kind: str, record: Any, position: int) -> tuple[str, int | None]:
+    """How a message names a record ("image id 5", or "image #3" without a usable id)."""
+    if isinstance(record, dict) and _is_int(record.get("id")):
+        return f"{kind} id {record['id']}", int(record["id"])
+    return f"{kind} #{position}", None
+
+
+def _record_problem(
+    kind: str, record: Any, position: int, code: str, what: str, severity: str = ERROR
+) -> DatasetProblem:
+    name, record_id = _culprit(kind, record, position)
+    file_name = record.get("file_name") if kind == "image" and isinstance(record, dict) else None
+    return DatasetProblem(
+        severity,
+        kind,
+        code,
+        f"{name} {what}",
+        record_id,
+        position,
+        file_name if isinstance(file_name, str) else None,
+    )
+
+
+def _missing_or_bad(record: Any, int_keys: tuple[str, ...], other_keys: tuple[str, ...]) -> str:
+    """What is wrong with the keys every record of a kind needs ('' when nothing)."""
+    if not isinstance(record, dict):
+        return f"is not an object but {_shown(record)}"
+    for key in (*int_keys, *other_keys):
+        if key not in record:
+            return f"has no '{key}'"
+    for key in int_keys:
+        if not _is_int(record[key]):
+            return f"has a non-integer {key} {_shown(record[key])}"
+    return ""
+
+
+def _read_categories(records: list[Any], problems: list[DatasetProblem]) -> dict[int, str]:
+    """category id -> name, of the valid category records."""
     names: dict[int, str] = {}
-    for position, cat in enumerate(data["categories"]):
-        try:
-            cat_id, name = int(cat["id"]), str(cat["name"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise _record_error(source, "category", position, cat, e) from e
-        if cat_id in names:
-            raise DatasetError(f"{source}: category id {cat_id} appears twice")
-        names[cat_id] = name
-    if not names:
-        raise DatasetError(f"{source}: 'categories' is empty")
+    for position, cat in enumerate(records):
+        what = _missing_or_bad(cat, ("id",), ("name",))
+        code = "malformed_record"
+        if not what and not isinstance(cat["name"], str):
+            what = f"has a non-string name {_shown(cat['name'])}"
+        if not what and int(cat["id"]) in names:
+            what, code = "appears more than once", "duplicate_id"
+        if what:
+            problems.append(_record_problem("category", cat, position, code, what))
+            continue
+        names[int(cat["id"])] = cat["name"]
+    if not records:
+        problems.append(DatasetProblem(ERROR, "file", "no_categories", "'categories' is empty"))
     return names
 
 
-def _record_error(
-    source: Path, kind: str, position: int, record: Any, error: Exception
-) -> DatasetError:
-    """The error for an image or category record that lacks a key or holds a bad value."""
-    has_id = isinstance(record, dict) and "id" in record
-    culprit = f"{kind} id {record['id']}" if has_id else f"{kind} #{position}"
-    if isinstance(error, KeyError):
-        return DatasetError(f"{source}: {culprit} has no {error}")
-    return DatasetError(f"{source}: {culprit} is malformed ({error})")
+_Images = tuple[np.ndarray, list[str], np.ndarray, np.ndarray, set[int]]
 
 
-def _read_images(
-    data: dict[str, Any], source: Path
-) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-    """image ids (I,) int64, file names, widths (I,) float64, heights (I,) float64."""
-    ids, names, widths, heights = [], [], [], []
-    for position, img in enumerate(data["images"]):
-        try:
-            ids.append(int(img["id"]))
-            names.append(str(img["file_name"]))
-            widths.append(float(img["width"]))
-            heights.append(float(img["height"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise _record_error(source, "image", position, img, e) from e
+def _read_images(records: list[Any], problems: list[DatasetProblem]) -> _Images:
+    """Valid image records sorted by id: ids (I,) int64, file names, widths (I,) float64,
+    heights (I,) float64; and the ids of invalid records (their annotations are left out
+    without a message of their own)."""
+    ids: list[int] = []
+    names: list[str] = []
+    sizes: list[tuple[float, float]] = []
+    seen: set[int] = set()
+    invalid: set[int] = set()
+    for position, img in enumerate(records):
+        what = _missing_or_bad(img, ("id",), ("file_name", "width", "height"))
+        code = "malformed_record"
+        if not what and not (isinstance(img["file_name"], str) and img["file_name"]):
+            what = f"has file_name {_shown(img['file_name'])}, expected a non-empty string"
+        for key in ("width", "height"):
+            if not what and not _is_pixel_count(img[key]):
+                what = f"has {key} {_shown(img[key])}, expected a whole number >= 1"
+        if not what and int(img["id"]) in seen:
+            what, code = "appears more than once", "duplicate_id"
+        if what:
+            problems.append(_record_problem("image", img, position, code, what))
+            if isinstance(img, dict) and _is_int(img.get("id")):
+                invalid.add(int(img["id"]))
+            continue
+        seen.add(int(img["id"]))
+        ids.append(int(img["id"]))
+        names.append(img["file_name"])
+        sizes.append((float(img["width"]), float(img["height"])))
+    if not records:
+        problems.append(DatasetProblem(ERROR, "file", "no_images", "'images' is empty"))
     ids_array = np.asarray(ids, dtype=np.int64)
-    widths_array, heights_array = np.asarray(widths), np.asarray(heights)
-    unique, counts = np.unique(ids_array, return_counts=True)
-    if (counts > 1).any():
-        raise DatasetError(f"{source}: image id {unique[counts > 1][0]} appears more than once")
-    if len(ids_array) == 0:
-        raise DatasetError(f"{source}: 'images' is empty")
-    bad_size = (widths_array < 1) | (heights_array < 1)
-    if bad_size.any():
-        raise DatasetError(
-            f"{source}: image id {ids_array[bad_size][0]} has a width or height below 1"
-        )
-    return ids_array, names, widths_array, heights_array
+    order = np.argsort(ids_array, kind="stable")
+    size_array = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)[order]
+    return (
+        ids_array[order],
+        [names[i] for i in order],
+        size_array[:, 0].copy(),
+        size_array[:, 1].copy(),
+        invalid - seen,
+    )
 
 
-def _read_annotations(
-    data: dict[str, Any], source: Path
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """annotation ids (A,), image ids (A,), category ids (A,) int64; bbox (A, 4) float64 xywh;
-    iscrowd (A,) bool."""
-    anns = data["annotations"]
+def _is_pixel_count(value: Any) -> bool:
+    return _is_finite(value) and value >= 1 and float(value).is_integer() and value <= _INT64_MAX
+
+
+@dataclasses.dataclass
+class _Annotations:
+    """Columns of the annotation records that passed the per-record rules: ids, image_ids,
+    category_ids (A,) int64; xywh (A, 4) float64; crowd (A,) bool; position (A,) int64 index in
+    the JSON list."""
+
+    ids: np.ndarray
+    image_ids: np.ndarray
+    category_ids: np.ndarray
+    xywh: np.ndarray
+    crowd: np.ndarray
+    position: np.ndarray
+
+
+def _read_annotations(records: list[Any], problems: list[DatasetProblem]) -> _Annotations:
+    """The valid annotation records as columns; a problem for each invalid one.
+
+    The whole list is first read as numpy arrays, which takes a COCO-sized file in well under a
+    second; only when that shows anything unusual are the records checked one by one in Python,
+    by the rules of `_annotation_record_problem`, which decide."""
+    columns = _annotation_columns(records)
+    if columns is not None:
+        return columns
+    valid = []
+    for position, ann in enumerate(records):
+        found = _annotation_record_problem(ann)
+        if found:
+            code, what = found
+            problems.append(_record_problem("annotation", ann, position, code, what))
+        else:
+            valid.append(position)
+    kept = [records[i] for i in valid]
+    return _Annotations(
+        np.asarray([a["id"] for a in kept], dtype=np.int64).reshape(-1),
+        np.asarray([a["image_id"] for a in kept], dtype=np.int64).reshape(-1),
+        np.asarray([a["category_id"] for a in kept], dtype=np.int64).reshape(-1),
+        np.asarray([[float(v) for v in a["bbox"]] for a in kept], dtype=np.float64).reshape(-1, 4),
+        np.asarray([bool(a.get("iscrowd", 0)) for a in kept], dtype=bool).reshape(-1),
+        np.asarray(valid, dtype=np.int64).reshape(-1),
+    )
+
+
+def _annotation_columns(records: list[Any]) -> _Annotations | None:
+    """The records as columns when every one is plainly valid (integer ids within int64, a
+    bbox of four finite numbers, iscrowd 0 or 1, a finite area >= 0), else None."""
+    count = len(records)
     try:
-        ann_ids = np.asarray([a["id"] for a in anns], dtype=np.int64)
-        image_ids = np.asarray([a["image_id"] for a in anns], dtype=np.int64)
-        cat_ids = np.asarray([a["category_id"] for a in anns], dtype=np.int64)
-        crowd = np.asarray([a.get("iscrowd", 0) for a in anns], dtype=bool)
-        xywh = np.asarray([a["bbox"] for a in anns] or np.zeros((0, 4)), dtype=np.float64)
-        if xywh.ndim != 2 or xywh.shape[1] != 4 or ann_ids.ndim != 1:
-            raise ValueError("bbox is not [x, y, w, h]")
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise _describe_bad_annotation(anns, source) from e
-    finite = np.isfinite(xywh).all(axis=1)
-    if not finite.all():
-        raise DatasetError(f"{source}: annotation id {ann_ids[~finite][0]} has a non-finite bbox")
-    return ann_ids, image_ids, cat_ids, xywh, crowd
+        id_lists = [[a[key] for a in records] for key in ("id", "image_id", "category_id")]
+        # numpy reads true/false among integers as 1/0 without a trace: look for them first.
+        if any(type(value) is bool for values in id_lists for value in values):
+            return None
+        ids, image_ids, category_ids = (np.asarray(values) for values in id_lists)
+        crowd = np.asarray([a.get("iscrowd", 0) for a in records])
+        area = np.asarray([a.get("area", 0.0) for a in records])
+        xywh = np.asarray([a["bbox"] for a in records])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    if count == 0:
+        return _Annotations(
+            *(np.zeros(0, np.int64) for _ in range(3)),
+            np.zeros((0, 4)),
+            np.zeros(0, bool),
+            np.zeros(0, np.int64),
+        )
+    plain = (
+        all(column.dtype.kind == "i" for column in (ids, image_ids, category_ids))
+        and xywh.shape == (count, 4)
+        and xywh.dtype.kind in "iuf"
+        and crowd.dtype.kind in "biuf"
+        and area.dtype.kind in "iuf"
+    )
+    if not plain:
+        return None
+    with np.errstate(invalid="ignore"):
+        plain = (
+            np.isfinite(xywh).all()
+            and np.isin(crowd, (0, 1)).all()
+            and np.isfinite(area).all()
+            and (area >= 0).all()
+        )
+    if not plain:
+        return None
+    return _Annotations(
+        ids.astype(np.int64),
+        image_ids.astype(np.int64),
+        category_ids.astype(np.int64),
+        xywh.astype(np.float64),
+        crowd.astype(bool),
+        np.arange(count, dtype=np.int64),
+    )
 
 
-def _describe_bad_annotation(anns: list[Any], source: Path) -> DatasetError:
-    """The error naming the first annotation that the vectorised read could not digest."""
-    for position, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            return DatasetError(f"{source}: annotation #{position} is not an object")
-        culprit = f"annotation id {ann['id']}" if "id" in ann else f"annotation #{position}"
-        for key in ("id", "image_id", "category_id", "bbox"):
-            if key not in ann:
-                return DatasetError(f"{source}: {culprit} has no '{key}'")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            return DatasetError(f"{source}: {culprit} has bbox {bbox!r}, expected [x, y, w, h]")
-        for key in ("id", "image_id", "category_id"):
-            if not isinstance(ann[key], int):
-                return DatasetError(f"{source}: {culprit} has a non-integer {key} {ann[key]!r}")
-    return DatasetError(f"{source}: unreadable annotations")
+def _annotation_record_problem(ann: Any) -> tuple[str, str] | None:
+    """(code, what is wrong) for an annotation record that breaks a per-record rule."""
+    what = _missing_or_bad(ann, ("id", "image_id", "category_id"), ("bbox",))
+    if what:
+        return "malformed_record", what
+    bbox = ann["bbox"]
+    if not (
+        isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+    ):
+        return "malformed_record", f"has bbox {_shown(bbox)}, expected [x, y, w, h]"
+    if not all(_is_finite(v) for v in bbox):
+        return "non_finite_bbox", f"has a non-finite bbox {_shown(bbox)}"
+    crowd = ann.get("iscrowd", 0)
+    if not (_is_number(crowd) and crowd in (0, 1)):
+        return "malformed_record", f"has iscrowd {_shown(crowd)}, expected 0 or 1"
+    area = ann.get("area", 0.0)
+    if not (_is_finite(area) and area >= 0):
+        return "malformed_record", f"has area {_shown(area)}, expected a finite number >= 0"
+    return None
+
+
+def _resolve_annotations(
+    anns: _Annotations, category_ids: list[int], images: _Images, problems: list[DatasetProblem]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Check ids against each other and boxes against their images; clip and filter. Returns
+    boxes (A, 4) float32 xyxy original pixels, labels (A,) int64, is_crowd (A,) bool,
+    image_index (A,) int64 (row in the sorted image ids)."""
+    image_ids, _, widths, heights, invalid_images = images
+
+    def report(mask: np.ndarray, code: str, what: Any, severity: str = ERROR) -> None:
+        """A problem for each annotation in `mask`; `what(row)` or `what` says what is wrong."""
+        for row in np.flatnonzero(mask):
+            text = what(row) if callable(what) else what
+            problems.append(
+                DatasetProblem(
+                    severity,
+                    "annotation",
+                    code,
+                    f"annotation id {anns.ids[row]} {text}",
+                    int(anns.ids[row]),
+                    int(anns.position[row]),
+                )
+            )
+
+    # Every repeat of an id after its first occurrence.
+    first = np.zeros(len(anns.ids), dtype=bool)
+    first[np.unique(anns.ids, return_index=True)[1]] = True
+    report(~first, "duplicate_id", "appears more than once")
+
+    known_cat = np.isin(anns.category_ids, category_ids)
+    report(
+        ~known_cat,
+        "unknown_category",
+        lambda row: f"has category_id {anns.category_ids[row]}, which is not in 'categories'",
+    )
+    labels = np.searchsorted(category_ids, anns.category_ids).astype(np.int64)
+
+    if len(image_ids):
+        pos = np.minimum(np.searchsorted(image_ids, anns.image_ids), len(image_ids) - 1)
+        known_image = image_ids[pos] == anns.image_ids
+    else:
+        pos = np.zeros(len(anns.ids), dtype=np.int64)
+        known_image = np.zeros(len(anns.ids), dtype=bool)
+    # Annotations of an image whose own record is broken go with it, without a message.
+    of_invalid_image = np.isin(anns.image_ids, list(invalid_images))
+    report(
+        ~known_image & ~of_invalid_image,
+        "unknown_image",
+        "has an image_id that is not in 'images': skipped",
+        REPAIR,
+    )
+
+    with np.errstate(over="ignore"):  # x + w of huge values is inf, clipped below
+        boxes = np.concatenate([anns.xywh[:, :2], anns.xywh[:, :2] + anns.xywh[:, 2:]], axis=1)
+    if len(image_ids):
+        limits = np.stack([widths[pos], heights[pos], widths[pos], heights[pos]], axis=1)
+    else:
+        limits = np.zeros_like(boxes)
+    clipped_boxes = np.clip(boxes, 0.0, limits)
+    degenerate = (clipped_boxes[:, 2:] - clipped_boxes[:, :2] < 1.0).any(axis=1)
+    was_clipped = (clipped_boxes != boxes).any(axis=1) & ~degenerate
+    report(was_clipped & known_image, "clipped_box", "has a box partly outside its image: "
+           "clipped", REPAIR)  # fmt: skip
+    report(
+        degenerate & known_image,
+        "degenerate_box",
+        "has a box under 1 px wide or high (after clipping): dropped",
+        REPAIR,
+    )
+
+    keep = known_image & ~degenerate & known_cat & first
+    return (
+        clipped_boxes[keep].astype(np.float32),
+        labels[keep],
+        anns.crowd[keep],
+        pos[keep].astype(np.int64),
+    )
