@@ -4,12 +4,18 @@ Per level, at most `topk_candidates` (anchor, class) pairs with score > `score_t
 decoded; the candidates of all levels are merged and class-wise NMS at `nms_threshold` keeps
 the top `max_detections` per image. Boxes are clipped to the (resized) image and then scaled
 to original-image pixels.
+
+Two paths give the same detections: `DetectionPostprocessor.__call__`, the fast one for eager
+use, decides in Python how to select candidates and returns one tensor per image;
+`DetectionPostprocessor.padded` makes every decision on tensor values and returns fixed-size
+tensors, so that a traced graph of it (the ONNX export) is valid for any input.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,6 +77,89 @@ def _top_k_per_image(
         dense_values, chosen = dense_values.topk(k, dim=1)
         dense_columns = dense_columns.gather(1, chosen)
     return dense_values, dense_columns, dense_values > -math.inf
+
+
+class PaddedDetections(NamedTuple):
+    """Detections of a batch in fixed-size tensors, D = max_detections: boxes (B, D, 4) float32
+    xyxy in input (resized-image) pixels, scores (B, D) float32 in decreasing order, labels
+    (B, D) int64 class indices in [0, K), num_detections (B,) int64. Rows from num_detections
+    on are padding: boxes and scores 0, labels -1."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    num_detections: Tensor
+
+
+def _at_most(limit: int, x: Tensor, dim: int) -> int | Tensor:
+    """min(limit, x.shape[dim]). While tracing, computed in the graph from x's shape: a Python
+    min() would freeze the traced input's size into the graph."""
+    if torch.jit.is_tracing():
+        return torch._shape_as_tensor(x)[dim].clamp(max=limit)
+    return min(limit, x.shape[dim])
+
+
+class _ClassWiseNMS(torch.autograd.Function):
+    """Class-wise NMS of a batch, exported as one ONNX NonMaxSuppression node.
+
+    boxes (B, N, 4) xyxy; scores (B, K, N) with each candidate's score (> 0) under its own class
+    and -1 under the others (and under every class for a discarded candidate). Returns (S, 3)
+    int64 rows (image, class, candidate) of the kept candidates, in no particular order. A box
+    is suppressed by a higher-scoring one of its class with IoU > iou_threshold. ONNX keeps at
+    most `max_per_class` boxes per image and class, the eager version all of them: the same
+    top `max_per_class` per image either way.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float):
+        # In an export, `symbolic` stands for this function and nothing done here enters the
+        # graph; the trace is paused so that the decisions below (per image, and torchvision's
+        # choice of NMS kernel) are not recorded, nor reported as frozen values.
+        tracing = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            rows = []
+            for i in range(boxes.shape[0]):
+                best, classes = scores[i].max(dim=0)
+                candidates = torch.nonzero(best > 0).squeeze(1)
+                keep = batched_nms(
+                    boxes[i, candidates], best[candidates], classes[candidates], iou_threshold
+                )
+                keep = candidates[keep]
+                rows.append(torch.stack((torch.full_like(keep, i), classes[keep], keep), dim=1))
+            return torch.cat(rows)
+        finally:
+            torch._C._set_tracing_state(tracing)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_per_class: int, iou_threshold: float):
+        def constant(value: float, dtype: torch.dtype):
+            return g.op("Constant", value_t=torch.tensor([value], dtype=dtype))
+
+        # Score threshold 0: the -1 entries never enter NMS, every real score (> 0) does.
+        return g.op(
+            "NonMaxSuppression",
+            boxes,
+            scores,
+            constant(max_per_class, torch.int64),
+            constant(iou_threshold, torch.float32),
+            constant(0.0, torch.float32),
+        )
+
+
+def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """boxes (B, N, 4) xyxy clipped to [0, W] x [0, H]; image_sizes (B, 2) or (1, 2) (H, W)."""
+    heights = image_sizes[:, 0, None].to(boxes.dtype)
+    widths = image_sizes[:, 1, None].to(boxes.dtype)
+    return torch.stack(
+        (
+            boxes[..., 0].clamp(min=0).minimum(widths),
+            boxes[..., 1].clamp(min=0).minimum(heights),
+            boxes[..., 2].clamp(min=0).minimum(widths),
+            boxes[..., 3].clamp(min=0).minimum(heights),
+        ),
+        dim=-1,
+    )
 
 
 def scale_to_original(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Tensor:
@@ -143,18 +232,7 @@ class DetectionPostprocessor:
             labels.append(top_idx % num_classes)
             valid.append(top_valid)
             start += count
-        boxes = torch.cat(boxes, dim=1)
-        heights = image_sizes[:, 0, None].to(boxes.dtype)
-        widths = image_sizes[:, 1, None].to(boxes.dtype)
-        boxes = torch.stack(
-            (
-                boxes[..., 0].clamp(min=0).minimum(widths),
-                boxes[..., 1].clamp(min=0).minimum(heights),
-                boxes[..., 2].clamp(min=0).minimum(widths),
-                boxes[..., 3].clamp(min=0).minimum(heights),
-            ),
-            dim=-1,
-        )
+        boxes = clip_boxes(torch.cat(boxes, dim=1), image_sizes)
         return boxes, torch.cat(scores, dim=1), torch.cat(labels, dim=1), torch.cat(valid, dim=1)
 
     def __call__(
@@ -202,3 +280,64 @@ class DetectionPostprocessor:
                 {"boxes": kept, "scores": image_scores[keep], "labels": image_labels[keep]}
             )
         return detections
+
+    def padded(
+        self,
+        cls_logits: Sequence[Tensor],
+        box_deltas: Sequence[Tensor],
+        anchors: Sequence[Tensor],
+        image_sizes: Tensor,
+    ) -> PaddedDetections:
+        """The detections of __call__ with boxes in resized-image pixels (original_sizes =
+        image_sizes), as fixed-size tensors, computed without a decision in Python: a traced
+        graph of it (the ONNX export) holds for any image size and content.
+
+        Per level, P3 first: cls_logits (B, A_l, K), box_deltas (B, A_l, 4), anchors (A_l, 4).
+        image_sizes: (B, 2) or, for a batch of one size, (1, 2) (H, W). Each level's top k is
+        taken over all its (anchor, class) pairs and then thresholded (the same candidates as
+        `candidates`, which thresholds first: faster in eager use, but data-dependent).
+        """
+        logit_threshold = (
+            math.log(self.score_threshold / (1.0 - self.score_threshold))
+            if self.score_threshold > 0
+            else -math.inf
+        )
+        boxes, scores, labels = [], [], []
+        for logits, deltas, level_anchors in zip(cls_logits, box_deltas, anchors, strict=True):
+            num_classes = logits.shape[-1]
+            flat = logits.flatten(1)  # (B, A_l * K), index a * K + c
+            top_logits, top_idx = flat.topk(_at_most(self.topk_candidates, flat, 1), dim=1)
+            anchor_idx = top_idx // num_classes
+            level_deltas = deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))
+            boxes.append(self.box_coder.decode(level_deltas, level_anchors[anchor_idx]))
+            # Candidates at or below the threshold get score -1: sigmoid scores are >= 0.
+            level_scores = torch.sigmoid(top_logits.float())
+            scores.append(torch.where(top_logits > logit_threshold, level_scores, -1.0))
+            labels.append(top_idx % num_classes)
+        boxes = clip_boxes(torch.cat(boxes, dim=1).float(), image_sizes)  # (B, N, 4)
+        scores, labels = torch.cat(scores, dim=1), torch.cat(labels, dim=1)  # (B, N)
+
+        # Each candidate's score under its own class, -1 elsewhere: (B, K, N).
+        classes = torch.arange(num_classes, device=labels.device)
+        class_scores = torch.where(
+            labels[:, None, :] == classes[None, :, None], scores[:, None], -1.0
+        )
+        kept = _ClassWiseNMS.apply(boxes, class_scores, self.max_detections, self.nms_threshold)
+        is_kept = torch.zeros_like(scores).index_put_(
+            (kept[:, 0], kept[:, 2]), torch.ones_like(kept[:, 0], dtype=scores.dtype)
+        )
+        ranked = torch.where(is_kept > 0, scores, -1.0)
+
+        # D padding columns (score -1) make a top-D exist however few candidates there are.
+        d = self.max_detections
+        ranked = torch.cat((ranked, torch.full_like(ranked[:, :1], -1.0).expand(-1, d)), dim=1)
+        boxes = torch.cat((boxes, torch.zeros_like(boxes[:, :1]).expand(-1, d, -1)), dim=1)
+        labels = torch.cat((labels, torch.full_like(labels[:, :1], -1).expand(-1, d)), dim=1)
+        top_scores, order = ranked.topk(d, dim=1)  # sorted, decreasing
+        found = top_scores >= 0
+        return PaddedDetections(
+            torch.where(found[..., None], boxes.gather(1, order[..., None].expand(-1, -1, 4)), 0.0),
+            torch.where(found, top_scores, 0.0),
+            torch.where(found, labels.gather(1, order), -1),
+            found.sum(dim=1),
+        )

@@ -182,3 +182,84 @@ def test_top_above_threshold_selects_the_k_best_pairs_in_every_regime(regime, k)
         got = values[i][valid[i]].sort(descending=True).values
         torch.testing.assert_close(got, expected)
         torch.testing.assert_close(flat[i, columns[i][valid[i]]], values[i][valid[i]])
+
+
+def _split_inputs(score_threshold=0.05, topk=40, nms_threshold=0.5, max_detections=300):
+    """The inputs of test_matches_torchvision, and the postprocessor."""
+    g = torch.Generator().manual_seed(0)
+    anchors = AnchorGenerator()((128, 192), FEATURE_SIZES)
+    cls_logits = torch.randn(2, anchors.shape[0], NUM_CLASSES, generator=g) * 2 - 3
+    box_deltas = torch.randn(2, anchors.shape[0], 4, generator=g) * 0.5
+    box_deltas[:, ::50, 2:] = 8.0
+    counts = AnchorGenerator().num_anchors_per_level(FEATURE_SIZES)
+    postprocess = DetectionPostprocessor(
+        BoxCoder(), score_threshold, topk, nms_threshold, max_detections
+    )
+    return postprocess, cls_logits, box_deltas, anchors, counts
+
+
+def _assert_padded_equals(padded, eager, max_detections):
+    batch = len(eager)
+    assert padded.boxes.shape == (batch, max_detections, 4)
+    assert padded.scores.shape == padded.labels.shape == (batch, max_detections)
+    assert padded.boxes.dtype == torch.float32 and padded.labels.dtype == torch.int64
+    for i, want in enumerate(eager):
+        n = int(padded.num_detections[i])
+        assert n == len(want["boxes"])
+        got = {
+            "boxes": padded.boxes[i, :n],
+            "scores": padded.scores[i, :n],
+            "labels": padded.labels[i, :n],
+        }
+        _assert_same_detections(got, want)
+        assert torch.equal(got["scores"], got["scores"].sort(descending=True).values)
+        assert (padded.boxes[i, n:] == 0).all() and (padded.scores[i, n:] == 0).all()
+        assert (padded.labels[i, n:] == -1).all()
+
+
+@pytest.mark.parametrize(
+    ("score_threshold", "topk", "nms_threshold", "max_detections"),
+    [
+        (0.05, 40, 0.5, 300),  # fewer detections than D: padding
+        (0.05, 1000, 0.5, 25),  # the D cap; top-k larger than the small levels
+        (0.3, 15, 0.3, 100),
+        (0.0, 30, 0.7, 50),  # no threshold
+        (0.97, 1000, 0.5, 100),  # a handful pass
+    ],
+)
+def test_padded_path_gives_the_eager_detections(
+    score_threshold, topk, nms_threshold, max_detections
+):
+    """The export path (top-k before threshold, one class-wise NMS for the batch, fixed-size
+    output) returns what the eager path returns, in resized-image pixels."""
+    postprocess, cls_logits, box_deltas, anchors, counts = _split_inputs(
+        score_threshold, topk, nms_threshold, max_detections
+    )
+    image_sizes = torch.tensor([[120, 190], [100, 150]])
+    eager = postprocess(cls_logits, box_deltas, anchors, counts, image_sizes, image_sizes)
+    padded = postprocess.padded(
+        cls_logits.split(counts, dim=1),
+        box_deltas.split(counts, dim=1),
+        anchors.split(counts),
+        image_sizes,
+    )
+    assert sum(len(d["boxes"]) for d in eager) > 2  # something to compare
+    _assert_padded_equals(padded, eager, max_detections)
+
+
+def test_padded_path_with_one_size_for_the_batch_and_no_candidates():
+    postprocess, cls_logits, box_deltas, anchors, counts = _split_inputs()
+    cls_logits[1] = -20.0  # the second image has nothing above the threshold
+    size = torch.tensor([[128, 160]])
+    eager = postprocess(
+        cls_logits, box_deltas, anchors, counts, size.expand(2, 2), size.expand(2, 2)
+    )
+    padded = postprocess.padded(
+        cls_logits.split(counts, dim=1),
+        box_deltas.split(counts, dim=1),
+        anchors.split(counts),
+        size,
+    )
+    assert len(eager[0]["boxes"]) > 5 and len(eager[1]["boxes"]) == 0
+    assert padded.num_detections.tolist() == [len(eager[0]["boxes"]), 0]
+    _assert_padded_equals(padded, eager, 300)
