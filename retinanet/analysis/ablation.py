@@ -17,16 +17,20 @@ minival, 90k iterations) beside ours, which come from however many iterations we
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import glob
 import json
 import math
 import os
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retinanet.analysis.plots import plot_modulating_factors
+from retinanet.analysis.tables import MISSING, format_value, markdown_table, percent, write_table
 from retinanet.config import (
     Config,
     ConfigError,
@@ -36,10 +40,11 @@ from retinanet.config import (
     parse_override,
 )
 from retinanet.data.build import resolve_data_paths
+from retinanet.engine.coco_metrics import METRICS_FILENAME
 from retinanet.engine.distributed import is_main_process
-from retinanet.engine.evaluation import METRICS_FILENAME
-from retinanet.engine.files import atomic_open, atomic_write_json, atomic_write_text
 from retinanet.engine.trainer import NonFiniteLossError, train
+from retinanet.files import atomic_write_json
+from retinanet.model.build import build_modulation
 
 # Where `train` writes its final evaluation, relative to its output folder.
 FINAL_EVAL_DIR = "eval"
@@ -138,61 +143,110 @@ def _table1b() -> AblationGrid:
 
 
 def _gamma_schedule() -> AblationGrid:
-    common = ("loss.alpha=0.25", "loss.gamma=2", "loss.gamma_start=0")
-    settings = tuple(
-        AblationSetting(name, (*common, f"loss.gamma_schedule={schedule}"))
-        for name, schedule in (("constant", ""), ("linear", "linear"), ("cosine", "cosine"))
-    )
+    # The first three: constant gamma 2 vs ramps from 0 (all at alpha 0.25). The others follow
+    # up on the ramps' collapse at alpha 0.25: an alpha between the best of gamma 0 (0.75)
+    # and of gamma 2 (0.25), a short ramp (over the first quarter), and a ramp downwards.
+    ramp = ("loss.gamma=2", "loss.gamma_start=0")
+    specs = {
+        "constant": ("loss.alpha=0.25", *ramp, "loss.gamma_schedule="),
+        "linear": ("loss.alpha=0.25", *ramp, "loss.gamma_schedule=linear"),
+        "cosine": ("loss.alpha=0.25", *ramp, "loss.gamma_schedule=cosine"),
+        "linear_alpha0.5": ("loss.alpha=0.5", *ramp, "loss.gamma_schedule=linear"),
+        "linear_short": (
+            "loss.alpha=0.25", *ramp, "loss.gamma_schedule=linear", "loss.gamma_ramp_fraction=0.25"
+        ),
+        "linear_down": (
+            "loss.alpha=0.25", "loss.gamma=2", "loss.gamma_start=4", "loss.gamma_schedule=linear"
+        ),
+    }  # fmt: skip
     return AblationGrid(
-        "gamma constant at 2 vs ramped from 0 to 2 over training",
-        settings,
+        "gamma schedules: constant 2, ramps 0 -> 2 (at alpha 0.25 and 0.5, over all of training "
+        "or its first quarter) and 4 -> 2",
+        tuple(AblationSetting(name, overrides) for name, overrides in specs.items()),
         (
             ("schedule", "loss.gamma_schedule"),
             ("gamma start", "loss.gamma_start"),
             ("gamma", "loss.gamma"),
+            ("ramp fraction", "loss.gamma_ramp_fraction"),
             ("alpha", "loss.alpha"),
         ),
     )
 
 
+def matched_modulations(f_at_09: float) -> dict[str, tuple[str, ...]]:
+    """Overrides of the modulating factors that all weigh a sample with p_t = 0.9 by
+    `f_at_09` ("matched strength"): (1 - p_t)^gamma, exp(-beta p_t), exp(-p_t^2 / s) and, where
+    it can reach it without turning negative (f(0.9) >= cos(0.45 pi) = 0.156), cos(scale p_t)."""
+    log_f = math.log(f_at_09)
+    settings = {
+        "power": ("loss.modulation=power", f"loss.gamma={log_f / math.log(0.1):.6g}"),
+        "exponential": ("loss.modulation=exponential", f"loss.exponential_beta={-log_f / 0.9:.6g}"),
+        "gaussian": ("loss.modulation=gaussian", f"loss.gaussian_s={-0.81 / log_f:.6g}"),
+    }  # fmt: skip
+    scale = math.acos(f_at_09) / 0.9
+    if scale <= math.pi / 2 + 1e-9:
+        settings["cos"] = ("loss.modulation=cos", f"loss.cos_scale={min(scale, math.pi / 2)!r}")
+    return settings
+
+
 def _modulation() -> AblationGrid:
-    settings = (
-        AblationSetting(
-            "power_gamma2", ("loss.alpha=0.25", "loss.modulation=power", "loss.gamma=2")
-        ),
-        *(
-            AblationSetting(
-                f"exponential_beta{beta}",
-                (
-                    "loss.alpha=0.25",
-                    "loss.modulation=exponential",
-                    f"loss.exponential_beta={beta}",
-                ),
-            )
-            for beta in (1, 2, 5)
-        ),
-    )
+    # Two strengths: the focal loss's (gamma 2: f(0.9) = 0.01) and cos(pi/2 p_t)'s, the
+    # strongest cos that stays >= 0 (f(0.9) = 0.156); and the literal cos(p_t) (f(0.9) = 0.62).
+    settings = []
+    for label, f_at_09 in (("f0.01", 0.01), ("f0.16", math.cos(0.45 * math.pi))):
+        for kind, overrides in matched_modulations(f_at_09).items():
+            settings.append(AblationSetting(f"{kind}_{label}", ("loss.alpha=0.25", *overrides)))
+    literal = ("loss.alpha=0.25", "loss.modulation=cos", "loss.cos_scale=1")
+    settings.append(AblationSetting("cos_literal", literal))
     return AblationGrid(
-        "modulating factor (1 - p_t)^gamma vs exp(-beta p_t)",
-        settings,
+        "modulating factors at matched strength f(0.9): (1 - p_t)^gamma, exp(-beta p_t), "
+        "exp(-p_t^2 / s), cos(scale p_t)",
+        tuple(settings),
         (
             ("modulation", "loss.modulation"),
             ("gamma", "loss.gamma"),
             ("beta", "loss.exponential_beta"),
+            ("s", "loss.gaussian_s"),
+            ("cos scale", "loss.cos_scale"),
             ("alpha", "loss.alpha"),
         ),
     )
 
 
 def _calibration() -> AblationGrid:
+    # Losses that are claimed to calibrate classifiers, each at the alpha that suits its gamma
+    # in Table 1b (0.75 for cross-entropy, which at alpha 0.25 does not learn to fire).
+    specs = {
+        "ce": ("loss.gamma=0", "loss.alpha=0.75"),
+        "ce_smoothing0.1": ("loss.gamma=0", "loss.alpha=0.75", "loss.label_smoothing=0.1"),
+        "focal_gamma1": ("loss.gamma=1", "loss.alpha=0.25"),
+        "focal_gamma2": ("loss.gamma=2", "loss.alpha=0.25"),
+        "focal_gamma3": ("loss.gamma=3", "loss.alpha=0.25"),
+        "flsd53": ("loss.modulation=flsd", "loss.alpha=0.25"),
+    }
+    return AblationGrid(
+        "losses for calibration: cross-entropy, with label smoothing 0.1, focal loss gamma 1/2/3 "
+        "and FLSD-53: the models of tools/calibrate.py",
+        tuple(AblationSetting(name, overrides) for name, overrides in specs.items()),
+        (
+            ("modulation", "loss.modulation"),
+            ("gamma", "loss.gamma"),
+            ("alpha", "loss.alpha"),
+            ("label smoothing", "loss.label_smoothing"),
+        ),
+    )
+
+
+def _alpha() -> AblationGrid:
+    # alpha at the focal loss's gamma 2, including values above 0.5, which weigh positives more.
     settings = tuple(
-        AblationSetting(f"gamma{gamma}", (f"loss.gamma={gamma}", "loss.alpha=0.25"))
-        for gamma in (0, 1, 2, 3)
+        AblationSetting(f"alpha{alpha}", ("loss.gamma=2", f"loss.alpha={alpha}"))
+        for alpha in ("0.25", "0.5", "0.75", "0.8")
     )
     return AblationGrid(
-        "gamma in {0, 1, 2, 3} at alpha 0.25: the models of tools/calibrate.py",
+        "alpha at gamma 2, from 0.25 (the paper's) to 0.8",
         settings,
-        (("gamma", "loss.gamma"), ("alpha", "loss.alpha")),
+        (("alpha", "loss.alpha"), ("gamma", "loss.gamma")),
     )
 
 
@@ -202,6 +256,7 @@ GRIDS: dict[str, AblationGrid] = {
     "gamma_schedule": _gamma_schedule(),
     "modulation": _modulation(),
     "calibration": _calibration(),
+    "alpha": _alpha(),
 }
 
 
@@ -286,6 +341,20 @@ def setting_status(setting_dir: str | os.PathLike) -> str:
     return "pending"
 
 
+def run_name(setting: AblationSetting, seed_index: int) -> str:
+    """The folder of a setting's run with its `seed_index`-th seed: the setting's name for the
+    first (so single-seed grids keep their layout), NAME_seed<k> for the others."""
+    return setting.name if seed_index == 0 else f"{setting.name}_seed{seed_index}"
+
+
+def seeded_config(cfg: Config, seed_index: int) -> Config:
+    """`cfg` with train.seed (model initialisation, data order and augmentation) moved on by
+    `seed_index`."""
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + seed_index)
+    )
+
+
 def run_ablation(
     config_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -296,126 +365,174 @@ def run_ablation(
     retry_failed: bool = False,
     device: str = "auto",
     progress: bool = True,
+    seeds: int = 1,
 ) -> dict[str, str]:
-    """Train the selected settings of `grid` that are not finished (nor failed, unless
-    `retry_failed`), then rebuild the table. Returns {setting name: status} of the selected
-    settings after the run."""
+    """Train the selected settings of `grid`, each with `seeds` seeds, that are not finished
+    (nor failed, unless `retry_failed`), then rebuild the table. Returns {run name: status}
+    of the selected runs after the run (see `run_name`)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     settings = select_settings(grid, only)
     # Build every config first, so that a bad override fails before hours of training.
     configs = {s.name: setting_config(config_path, grid, s, overrides, max_iter) for s in settings}
     output_dir = Path(output_dir)
     statuses = {}
-    for setting in settings:
-        setting_dir = output_dir / setting.name
-        status = setting_status(setting_dir)
-        cfg = configs[setting.name]
-        if status == "finished" or (status == "failed" and not retry_failed):
-            _warn_if_config_changed(setting_dir, resolve_data_paths(cfg), setting.name, status)
-            print(f"{setting.name}: {status}, skipped")
-            statuses[setting.name] = status
-            continue
-        print(f"{setting.name}: training into {setting_dir}")
-        try:
-            train(cfg, setting_dir, resume=True, device=device, progress=progress)
-        except NonFiniteLossError as error:
-            # Under torchrun every process gets here; one record is enough.
-            if is_main_process():
-                atomic_write_json(setting_dir / FAILED_FILENAME, {"error": str(error)})
-                print(f"{setting.name}: failed: {error}", file=sys.stderr)
-            statuses[setting.name] = "failed"
-            continue
-        if is_main_process():
-            (setting_dir / FAILED_FILENAME).unlink(missing_ok=True)
-        statuses[setting.name] = setting_status(setting_dir)
+    # Seed by seed, so that a grid cut short has every setting at the same number of seeds.
+    for seed_index in range(seeds):
+        for setting in settings:
+            name = run_name(setting, seed_index)
+            cfg = seeded_config(configs[setting.name], seed_index)
+            statuses[name] = _run_setting(
+                cfg, output_dir / name, name, retry_failed, device, progress
+            )
     if is_main_process():
         write_ablation_table(output_dir, grid)
+        if grid == "modulation":
+            factors = {name: build_modulation(cfg.loss) for name, cfg in configs.items()}
+            plot_modulating_factors(output_dir / "modulating_factors.png", factors)
     return statuses
 
 
+def _run_setting(
+    cfg: Config, run_dir: Path, name: str, retry_failed: bool, device: str, progress: bool
+) -> str:
+    """Train one run unless it is finished (or failed, unless `retry_failed`); its status."""
+    status = setting_status(run_dir)
+    if status == "finished" or (status == "failed" and not retry_failed):
+        _warn_if_config_changed(run_dir, resolve_data_paths(cfg), name, status)
+        print(f"{name}: {status}, skipped")
+        return status
+    print(f"{name}: training into {run_dir}")
+    try:
+        train(cfg, run_dir, resume=True, device=device, progress=progress)
+    except NonFiniteLossError as error:
+        # Under torchrun every process gets here; one record is enough.
+        if is_main_process():
+            atomic_write_json(run_dir / FAILED_FILENAME, {"error": str(error)})
+            print(f"{name}: failed: {error}", file=sys.stderr)
+        return "failed"
+    if is_main_process():
+        (run_dir / FAILED_FILENAME).unlink(missing_ok=True)
+    return setting_status(run_dir)
+
+
+METRICS = ("AP", "AP50", "AP75")
+
+
+def seed_runs(output_dir: Path, setting: AblationSetting) -> list[Path]:
+    """The finished or failed runs of `setting` under `output_dir`, first seed first."""
+    runs = {0: output_dir / setting.name}
+    prefix = f"{setting.name}_seed"
+    for path in output_dir.glob(f"{glob.escape(prefix)}*"):
+        if path.name[len(prefix) :].isdigit():
+            runs[int(path.name[len(prefix) :])] = path
+    return [runs[k] for k in sorted(runs) if setting_status(runs[k]) != "pending"]
+
+
 def ablation_rows(output_dir: str | os.PathLike, grid: str) -> list[dict[str, Any]]:
-    """One row per finished or failed setting of `grid` under `output_dir`, in grid order:
-    setting, status, the grid's columns that the setting sets (from its stored config), AP, AP50,
-    AP75 (fractions; None when failed or undefined), paper_AP, paper_AP50, paper_AP75 (fractions;
-    None outside the paper's tables) and error (the failure message, else None)."""
+    """One row per setting of `grid` with a finished or failed run under `output_dir`, in grid
+    order: setting, status ('finished' if any seed finished, else 'failed'), the grid's columns
+    that the setting sets (from its stored config); AP, AP50, AP75: the mean over the finished
+    seeds (fractions; None when none finished); AP_std, AP50_std, AP75_std: their standard
+    deviation over seeds (n - 1 in the denominator; None below two seeds); seeds: how many
+    finished; AP_per_seed: their APs; paper_AP, paper_AP50, paper_AP75 (fractions; None outside
+    the paper's tables) and error (the failure messages, else None)."""
     spec = get_grid(grid)
     output_dir = Path(output_dir)
     rows = []
     for setting in spec.settings:
-        setting_dir = output_dir / setting.name
-        status = setting_status(setting_dir)
-        if status == "pending":
+        runs = seed_runs(output_dir, setting)
+        if not runs:
             continue
-        config_file = setting_dir / CONFIG_FILENAME
         try:
-            cfg = load_config(config_file)
+            cfg = load_config(runs[0] / CONFIG_FILENAME)
         except ConfigError as error:
             raise ValueError(f"setting {setting.name}: {error}") from error
-        row: dict[str, Any] = {"setting": setting.name, "status": status}
+        finished = [_read_final_metrics(r) for r in runs if setting_status(r) == "finished"]
+        failures = [
+            ("" if r.name == setting.name else f"{r.name}: ") + _read_failure(r)
+            for r in runs
+            if setting_status(r) == "failed"
+        ]
+        row: dict[str, Any] = {
+            "setting": setting.name,
+            "status": "finished" if finished else "failed",
+        }
         # A column the setting does not set (beta of the power modulation, gamma of the
         # exponential one) does not apply to it and is left out of its row.
         for header, key in spec.columns:
             if key in setting.keys:
                 row[header] = config_value(cfg, key)
-        metrics = _read_final_metrics(setting_dir) if status == "finished" else {}
-        for name in ("AP", "AP50", "AP75"):
-            row[name] = metrics.get(name)
-        for name in ("AP", "AP50", "AP75"):
+        for name in METRICS:
+            values = [m[name] for m in finished if m[name] is not None]
+            row[name] = statistics.fmean(values) if values else None
+            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        row["seeds"] = len(finished)
+        row["AP_per_seed"] = [m["AP"] for m in finished]
+        for name in METRICS:
             row[f"paper_{name}"] = (
                 None if setting.paper is None else getattr(setting.paper, name) / 100
             )
-        row["error"] = _read_failure(setting_dir) if status == "failed" else None
+        row["error"] = "; ".join(failures) or None
         rows.append(row)
     return rows
 
 
 def write_ablation_table(output_dir: str | os.PathLike, grid: str) -> dict[str, Path]:
-    """Write ablation.csv (fractions) and ablation.md (percent, one decimal) under
-    `output_dir` from `ablation_rows`; paper columns only for grids with paper numbers."""
+    """Write ablation.csv (fractions) and ablation.md (percent, one decimal; with several seeds
+    mean ± standard deviation and each seed's AP) under `output_dir` from `ablation_rows`;
+    paper columns only for grids with paper numbers."""
     spec = get_grid(grid)
     rows = ablation_rows(output_dir, grid)
     with_paper = any(s.paper is not None for s in spec.settings)
-    metric_columns = ["AP", "AP50", "AP75"]
-    if with_paper:
-        metric_columns += ["paper_AP", "paper_AP50", "paper_AP75"]
-    columns = ["setting", "status", *(h for h, _ in spec.columns), *metric_columns]
+    several_seeds = any(row["seeds"] > 1 for row in rows)
+    paper_columns = [f"paper_{name}" for name in METRICS] if with_paper else []
+    columns = ["setting", "status", *(h for h, _ in spec.columns), *METRICS, *paper_columns]
 
-    output_dir = Path(output_dir)
-    paths = {"csv": output_dir / "ablation.csv", "markdown": output_dir / "ablation.md"}
-    with atomic_open(paths["csv"], "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*columns, "error"])
-        for row in rows:
-            writer.writerow(
-                ["" if row.get(c) is None else row[c] for c in columns] + [row["error"] or ""]
-            )
-
-    headers = [
-        *columns[: 2 + len(spec.columns)],
-        *(c.replace("paper_", "paper ") for c in metric_columns),
-    ]
+    headers = [*columns[: 2 + len(spec.columns)], *METRICS]
+    if several_seeds:
+        headers += ["seeds", "AP per seed"]
+    headers += [c.replace("paper_", "paper ") for c in paper_columns]
+    cells = []
+    for row in rows:
+        line = [row["setting"], row["status"]]
+        line += [format_value(row[h]) if h in row else MISSING for h, _ in spec.columns]
+        line += [_mean_cell(row, name, several_seeds) for name in METRICS]
+        if several_seeds:
+            line += [str(row["seeds"]), ", ".join(percent(ap) for ap in row["AP_per_seed"])]
+        line += [percent(row[c]) for c in paper_columns]
+        cells.append(line)
     lines = [
         f"# Ablation `{grid}`: {spec.description}",
         "",
         "AP in percent on data.val"
+        + (", mean ± standard deviation over seeds" if several_seeds else "")
         + (" (paper: ResNet-50-FPN, 600 px, COCO minival, 90k iterations)" if with_paper else "")
         + ".",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" for _ in headers) + "|",
+        *markdown_table(headers, cells),
     ]
-    for row in rows:
-        cells = [row["setting"], row["status"]]
-        cells += [_format_value(row[h]) if h in row else "–" for h, _ in spec.columns]
-        cells += [_percent(row[c]) for c in metric_columns]
-        lines.append("| " + " | ".join(cells) + " |")
     failures = [row for row in rows if row["error"]]
     if failures:
-        lines += ["", "Failed settings:", ""]
+        lines += ["", "Failed runs:", ""]
         lines += [f"- `{row['setting']}`: {row['error']}" for row in failures]
     if not rows:
         lines += ["", "No setting has finished yet."]
-    atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
-    return paths
+    extra = ["AP_std", "AP50_std", "AP75_std", "seeds", "AP_per_seed", "error"]
+    csv_rows = [
+        [row.get(c) for c in columns]
+        + [row[c] for c in extra[:4]]
+        + [" ".join(f"{ap:.6f}" for ap in row["AP_per_seed"]), row["error"]]
+        for row in rows
+    ]
+    return write_table(output_dir, "ablation", [*columns, *extra], csv_rows, lines)
+
+
+def _mean_cell(row: dict[str, Any], name: str, several_seeds: bool) -> str:
+    std = row[f"{name}_std"]
+    if not several_seeds or std is None:
+        return percent(row[name])
+    return f"{percent(row[name])} ± {100 * std:.1f}"
 
 
 def _warn_if_config_changed(setting_dir: Path, cfg: Config, name: str, status: str) -> None:
@@ -451,13 +568,3 @@ def _read_failure(setting_dir: Path) -> str:
         return str(json.loads(path.read_text(encoding="utf-8"))["error"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a failure record ({error})") from error
-
-
-def _format_value(value: Any) -> str:
-    if value is None or value == "":  # alpha null, gamma_schedule "" (constant)
-        return "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"

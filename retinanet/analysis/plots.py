@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from retinanet.engine.files import atomic_savefig
+from retinanet.files import atomic_savefig
 
 _KINDS = ("foreground", "background")
 
@@ -94,5 +94,39 @@ def plot_loss_vs_pt(
     ax.set_xlabel("probability of ground truth class")
     ax.set_ylabel("loss")
     ax.legend(loc="upper right")
+    atomic_savefig(path, figure, dpi=150)
+    return figure
+
+
+def plot_modulating_factors(
+    path: str | os.PathLike, factors: Mapping[str, object], marked_pt: float = 0.9
+) -> Figure:
+    """Figure 1 for any modulating factor: f(p_t) (left) and the loss f(p_t) (-log p_t)
+    (right) against p_t for each labelled factor (a `ModulatingFactor`), with cross-entropy
+    for reference and p_t = `marked_pt` marked (where the ablation matches the factors'
+    strength). Writes the image to `path` and returns the figure."""
+    import torch
+
+    if not factors:
+        raise ValueError("no modulating factors to plot")
+    p_t = np.linspace(1e-3, 1.0, 1000)
+    cross_entropy = -np.log(p_t)
+    figure = Figure(figsize=(11, 4.4), layout="constrained")
+    weight_ax, loss_ax = figure.subplots(1, 2)
+    loss_ax.plot(p_t, cross_entropy, color="0.5", linestyle="--", label="CE")
+    cmap = colormaps["tab10"]
+    for i, (label, factor) in enumerate(factors.items()):
+        f = factor(torch.from_numpy(p_t)).numpy()
+        weight_ax.plot(p_t, f, color=cmap(i % 10), label=label)
+        loss_ax.plot(p_t, f * cross_entropy, color=cmap(i % 10), label=label)
+    for ax in (weight_ax, loss_ax):
+        ax.axvline(marked_pt, color="0.7", linewidth=0.8, zorder=0)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("probability of ground truth class p_t")
+    weight_ax.set_ylim(0, 1.05)
+    weight_ax.set_ylabel("modulating factor f(p_t)")
+    loss_ax.set_ylim(0, 5)
+    loss_ax.set_ylabel("loss f(p_t) (-log p_t)")
+    loss_ax.legend(loc="upper right", fontsize="small")
     atomic_savefig(path, figure, dpi=150)
     return figure

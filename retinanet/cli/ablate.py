@@ -27,6 +27,7 @@ import argparse
 from pathlib import Path
 
 from retinanet.analysis.ablation import GRIDS, get_grid, run_ablation
+from retinanet.cli.arguments import add_device, add_overrides
 from retinanet.engine.distributed import is_main_process
 
 
@@ -45,12 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="run only these settings (see --list)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train every setting with this many seeds (train.seed, train.seed + 1, ...) and "
+        "report mean, standard deviation and each seed's AP",
+    )
     parser.add_argument("--list", action="store_true", help="print the grid's setting names")
     parser.add_argument(
         "--retry-failed", action="store_true", help="train settings that failed before again"
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_device(parser)
+    add_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         only=args.only,
         retry_failed=args.retry_failed,
         device=args.device,
+        seeds=args.seeds,
     )
     if is_main_process():
         print((Path(args.output_dir) / "ablation.md").read_text(encoding="utf-8"), end="")

@@ -10,11 +10,13 @@ normalized by the number of anchors assigned to a ground-truth box").
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..choices import check_choice
 from .box_coding import BoxCoder
 from .losses import (
     GammaSchedule,
@@ -27,8 +29,8 @@ from .losses import (
 )
 from .matcher import BACKGROUND, IGNORE, AnchorMatcher, pad_boxes
 
-BOX_LOSSES = ("smooth_l1", "giou")
-NORMALIZERS = ("num_foreground", "ema")
+BoxLossKind = Literal["smooth_l1", "giou"]
+Normalizer = Literal["num_foreground", "ema"]
 
 
 class RetinaNetCriterion(nn.Module):
@@ -38,6 +40,8 @@ class RetinaNetCriterion(nn.Module):
     alpha: class-balancing weight of positives (0.25); None disables it.
     modulation: the focal term f(p_t): a ModulatingFactor (PowerFactor(2) by default) or a
         GammaSchedule evaluated at the training progress passed to forward.
+    label_smoothing: eps of binary label smoothing of the class targets (cross-entropy only;
+        see `dense_focal_loss`); 0 is off.
     box_loss: "smooth_l1" (with `smooth_l1_beta`; 0 is L1) or "giou" (on decoded boxes).
     box_loss_weight: multiplier of loss_box.
     normalizer: "num_foreground" (the paper: foreground anchors in the batch, at least 1) or
@@ -55,25 +59,27 @@ class RetinaNetCriterion(nn.Module):
         box_coder: BoxCoder,
         alpha: float | None = 0.25,
         modulation: ModulatingFactor | GammaSchedule | None = None,
-        box_loss: str = "smooth_l1",
+        label_smoothing: float = 0.0,
+        box_loss: BoxLossKind = "smooth_l1",
         smooth_l1_beta: float = 0.0,
         box_loss_weight: float = 1.0,
-        normalizer: str = "num_foreground",
+        normalizer: Normalizer = "num_foreground",
         ema_momentum: float = 0.9,
         ema_initial: float = 100.0,
         reduce_across_processes: bool = True,
     ) -> None:
         super().__init__()
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        if normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        check_choice(box_loss, BoxLossKind, "box_loss")
+        check_choice(normalizer, Normalizer, "normalizer")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"focal loss alpha must be in [0, 1], got {alpha}")
         self.matcher = matcher
         self.box_coder = box_coder
         self.alpha = alpha
         self.modulation = modulation if modulation is not None else PowerFactor(2.0)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
         self.box_loss = box_loss
         self.smooth_l1_beta = smooth_l1_beta
         self.box_loss_weight = box_loss_weight
@@ -123,7 +129,10 @@ class RetinaNetCriterion(nn.Module):
         normalizer = self._normalizer(num_foreground)
 
         factor = resolve_factor(self.modulation, progress)
-        loss_cls = dense_focal_loss(cls_logits, anchor_classes, self.alpha, factor) / normalizer
+        loss_cls = dense_focal_loss(
+            cls_logits, anchor_classes, self.alpha, factor, self.label_smoothing
+        )
+        loss_cls = loss_cls / normalizer
 
         # The box loss is evaluated for every anchor and masked to the foreground ones:
         # gathering the foreground anchors first would need their count on the host (a

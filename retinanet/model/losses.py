@@ -22,12 +22,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..choices import check_choice
 from .matcher import IGNORE, box_area
+
+# The focal loss's modulating factor of the cross-entropy: power (1 - p_t)^gamma, exponential
+# exp(-beta p_t), cos cos(scale p_t), gaussian exp(-p_t^2 / s), flsd (1 - p_t)^gamma with gamma
+# 5 below p_t = 0.2 and 3 above (Mukhoti et al. 2020's FLSD-53).
+Modulation = Literal["power", "exponential", "cos", "gaussian", "flsd"]
+# How a gamma schedule goes from its start to its end.
+GammaShape = Literal["linear", "cosine"]
 
 # --------------------------------------------------------------------------------------------
 # Modulating factors f(p_t)
@@ -86,6 +95,60 @@ class ExponentialFactor(ModulatingFactor):
 
 
 @dataclass(frozen=True)
+class CosineFactor(ModulatingFactor):
+    """f(p_t) = cos(scale * p_t). scale = pi/2 reaches 0 at p_t = 1, like (1 - p_t)^gamma; the
+    literal cos(p_t) (scale 1) keeps cos(1) = 0.54 of a perfectly classified sample's
+    cross-entropy. Beyond pi/2 the factor would turn negative, so scale is at most pi/2."""
+
+    scale: float = math.pi / 2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale <= math.pi / 2:
+            raise ValueError(f"cos modulation scale must be in (0, pi/2], got {self.scale}")
+
+    def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        p = torch.sigmoid(z)
+        angle = self.scale * p
+        return torch.cos(angle), self.scale * p * torch.sigmoid(-z) * torch.sin(angle)
+
+
+@dataclass(frozen=True)
+class GaussianFactor(ModulatingFactor):
+    """f(p_t) = exp(-p_t^2 / s): flat for small p_t (hard samples keep nearly all their
+    cross-entropy), falling to exp(-1 / s) at p_t = 1."""
+
+    s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.s <= 0:
+            raise ValueError(f"gaussian modulation s must be > 0, got {self.s}")
+
+    def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        p = torch.sigmoid(z)
+        f = torch.exp(-p * p / self.s)
+        return f, (2.0 / self.s) * p * p * torch.sigmoid(-z) * f
+
+
+@dataclass(frozen=True)
+class SampleDependentPowerFactor(ModulatingFactor):
+    """(1 - p_t)^gamma with gamma chosen per sample: `gamma_hard` where p_t < `threshold`,
+    `gamma_easy` elsewhere. The defaults are Mukhoti et al. 2020's FLSD-53 (5 below 0.2, 3
+    above), proposed to calibrate classifiers; the gradient treats gamma as constant per sample
+    (its step has zero derivative almost everywhere)."""
+
+    gamma_hard: float = 5.0
+    gamma_easy: float = 3.0
+    threshold: float = 0.2
+
+    def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        # Compared as logits: sigmoid(z) < t  <=>  z < logit(t), exact for every z.
+        hard = z < math.log(self.threshold / (1 - self.threshold))
+        gamma = torch.where(hard, self.gamma_hard, self.gamma_easy).to(z.dtype)
+        f = torch.exp(-gamma * F.softplus(z))
+        return f, gamma * torch.sigmoid(z) * f
+
+
+@dataclass(frozen=True)
 class GammaSchedule:
     """A gamma that changes over training: gamma(progress) for progress in [0, 1] goes from
     `start` to `end`, linearly or along a half cosine, reaching `end` at `ramp_fraction`.
@@ -95,13 +158,10 @@ class GammaSchedule:
     start: float = 0.0
     end: float = 2.0
     ramp_fraction: float = 1.0
-    shape: str = "linear"  # "linear" or "cosine"
+    shape: GammaShape = "linear"
 
     def __post_init__(self) -> None:
-        if self.shape not in ("linear", "cosine"):
-            raise ValueError(
-                f"gamma schedule shape must be 'linear' or 'cosine', got {self.shape!r}"
-            )
+        check_choice(self.shape, GammaShape, "gamma schedule shape")
         if min(self.start, self.end) < 0 or not 0 < self.ramp_fraction <= 1:
             raise ValueError("gamma schedule needs gammas >= 0 and 0 < ramp_fraction <= 1")
 
@@ -262,12 +322,17 @@ def dense_focal_loss(
     anchor_classes: Tensor,
     alpha: float | None = 0.25,
     factor: ModulatingFactor | float = 2.0,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Sum of the focal loss over all non-ignored anchors and all K classes.
 
     cls_logits: (..., A, K) logits, any float dtype; anchor_classes: (..., A) int64 with the
     ground-truth class in [0, K) for foreground anchors, -1 for background, -2 (IGNORE) for
-    anchors left out of the loss. Returns an fp32 scalar (not normalised)."""
+    anchors left out of the loss. Returns an fp32 scalar (not normalised).
+
+    label_smoothing eps (cross-entropy only: f = 1): every binary target moves towards 1/2 by
+    eps, to 1 - eps/2 for an anchor's true class and eps/2 for the others (Keras' binary label
+    smoothing); alpha still weights by the hard label. See `label_smoothing_term`."""
     if not isinstance(factor, ModulatingFactor):
         factor = PowerFactor(float(factor))
     if cls_logits.shape[:-1] != anchor_classes.shape:
@@ -275,7 +340,31 @@ def dense_focal_loss(
             f"cls_logits {tuple(cls_logits.shape)} and anchor_classes "
             f"{tuple(anchor_classes.shape)} disagree on the anchor dimensions"
         )
-    return _DenseFocalLoss.apply(cls_logits, anchor_classes, alpha, factor)
+    loss = _DenseFocalLoss.apply(cls_logits, anchor_classes, alpha, factor)
+    if label_smoothing > 0:
+        if not (isinstance(factor, PowerFactor) and factor.gamma == 0):
+            raise ValueError("label smoothing is defined here for cross-entropy only (gamma 0)")
+        loss = loss + label_smoothing_term(cls_logits, anchor_classes, alpha, label_smoothing)
+    return loss
+
+
+def label_smoothing_term(
+    cls_logits: Tensor, anchor_classes: Tensor, alpha: float | None, label_smoothing: float
+) -> Tensor:
+    """What smoothing the targets adds to the summed binary cross-entropy. With target t the
+    cross-entropy of logit x is (1 - t) softplus(x) + t softplus(-x); as softplus(-x) -
+    softplus(x) = -x, a negative's target eps/2 adds -(eps/2) x and a positive's 1 - eps/2 adds
+    +(eps/2) x: a term linear in the logits, summed here without indexing (masks only)."""
+    half_eps = label_smoothing / 2
+    pos_weight, neg_weight = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
+    with torch.autocast(device_type=cls_logits.device.type, enabled=False):
+        x = cls_logits.float()
+        kept = (anchor_classes != IGNORE).to(x.dtype).unsqueeze(-1)
+        is_pos = (anchor_classes >= 0).to(x.dtype)
+        true_x = x.gather(-1, anchor_classes.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        pos_sum = (true_x * is_pos).sum()
+        neg_sum = (x * kept).sum() - pos_sum
+        return half_eps * (pos_weight * pos_sum - neg_weight * neg_sum)
 
 
 # --------------------------------------------------------------------------------------------

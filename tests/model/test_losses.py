@@ -7,9 +7,12 @@ import torch
 import torchvision
 
 from retinanet.model.losses import (
+    CosineFactor,
     ExponentialFactor,
     GammaSchedule,
+    GaussianFactor,
     PowerFactor,
+    SampleDependentPowerFactor,
     dense_focal_loss,
     giou_loss,
     resolve_factor,
@@ -18,7 +21,8 @@ from retinanet.model.losses import (
 )
 from retinanet.model.matcher import BACKGROUND, IGNORE
 
-FACTORS = [0.0, 0.5, 1.0, 2.0, 3.0, ExponentialFactor(1.0), ExponentialFactor(3.0)]
+FACTORS = [0.0, 0.5, 1.0, 2.0, 3.0, ExponentialFactor(1.0), ExponentialFactor(3.0), CosineFactor(),
+           CosineFactor(1.0), GaussianFactor(0.3), SampleDependentPowerFactor()]  # fmt: skip
 
 
 def _closed_form(x: float, t: int, alpha: float | None, gamma: float) -> float:
@@ -163,16 +167,78 @@ def test_modulating_factors_closed_form():
     torch.testing.assert_close(ExponentialFactor(2.0)(p), torch.exp(-2.0 * p))
 
 
-@pytest.mark.parametrize("factor", [PowerFactor(0.5), PowerFactor(2.0), ExponentialFactor(1.5)])
+def _factor_closed_form(factor, p):
+    """f(p_t) written out from each factor's definition."""
+    if isinstance(factor, PowerFactor):
+        return (1 - p) ** factor.gamma
+    if isinstance(factor, ExponentialFactor):
+        return torch.exp(-factor.beta * p)
+    if isinstance(factor, CosineFactor):
+        return torch.cos(factor.scale * p)
+    if isinstance(factor, GaussianFactor):
+        return torch.exp(-(p**2) / factor.s)
+    gamma = torch.where(p.detach() < 0.2, 5.0, 3.0).double()  # FLSD-53
+    return (1 - p) ** gamma
+
+
+@pytest.mark.parametrize(
+    "factor",
+    [PowerFactor(0.5), PowerFactor(2.0), ExponentialFactor(1.5), CosineFactor(), CosineFactor(1.0),
+     GaussianFactor(0.2), SampleDependentPowerFactor()],
+)  # fmt: skip
 def test_factor_derivative_term(factor):
     # weights(z)[1] must be h(p_t) = -p_t (1 - p_t) f'(p_t); f' by autograd on p_t.
     z = torch.linspace(-8, 8, 33, dtype=torch.float64)
     p = torch.sigmoid(z).requires_grad_()
-    f = (1 - p) ** factor.gamma if isinstance(factor, PowerFactor) else torch.exp(-factor.beta * p)
+    f = _factor_closed_form(factor, p)
     (df,) = torch.autograd.grad(f.sum(), p)
     f_ours, h_ours = factor.weights(z)
     torch.testing.assert_close(f_ours, f.detach())
     torch.testing.assert_close(h_ours, -p.detach() * (1 - p.detach()) * df)
+
+
+def test_new_factors_values_and_limits():
+    p = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(CosineFactor()(p), torch.cos(math.pi / 2 * p))
+    assert CosineFactor()(torch.tensor([1.0]))[0] == pytest.approx(0.0, abs=1e-12)
+    assert CosineFactor(1.0)(torch.tensor([1.0]))[0] == pytest.approx(math.cos(1.0))
+    torch.testing.assert_close(GaussianFactor(0.5)(p), torch.exp(-(p**2) / 0.5))
+    # FLSD-53: gamma 5 just below p_t = 0.2, gamma 3 just above.
+    flsd = SampleDependentPowerFactor()(torch.tensor([0.19, 0.21], dtype=torch.float64))
+    torch.testing.assert_close(flsd, torch.tensor([0.81**5, 0.79**3], dtype=torch.float64))
+    with pytest.raises(ValueError, match="pi/2"):
+        CosineFactor(2.0)
+    with pytest.raises(ValueError, match="> 0"):
+        GaussianFactor(0.0)
+
+
+@pytest.mark.parametrize("alpha", [0.25, None])
+def test_label_smoothing_equals_cross_entropy_with_smoothed_targets(alpha):
+    """Targets 1 - eps/2 (true class) and eps/2 (others), alpha by the hard label: the dense
+    loss and its gradient equal binary cross-entropy with those soft targets."""
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(2, 200, 5, generator=g)).requires_grad_()
+    choice = torch.rand(2, 200, generator=g)
+    classes = torch.where(choice < 0.6, BACKGROUND, torch.randint(0, 5, (2, 200), generator=g))
+    classes = torch.where(choice > 0.85, IGNORE, classes)
+    eps = 0.1
+    dense = dense_focal_loss(logits, classes, alpha, 0.0, label_smoothing=eps)
+    dense.backward()
+    dense_grad = logits.grad.clone()
+
+    logits.grad = None
+    hard = _one_hot(classes, 5).float()
+    soft = hard * (1 - eps) + eps / 2
+    weight = torch.ones_like(hard) if alpha is None else alpha * hard + (1 - alpha) * (1 - hard)
+    kept = (classes != IGNORE).unsqueeze(-1).float()
+    reference = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, soft, weight=weight * kept, reduction="sum"
+    )
+    reference.backward()
+    torch.testing.assert_close(dense, reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dense_grad, logits.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cross-entropy only"):
+        dense_focal_loss(logits, classes, alpha, 2.0, label_smoothing=eps)
 
 
 def test_power_factor_rejects_negative_gamma():
