@@ -63,8 +63,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Strict JSON (non-finite floats as null, see `json_safe`), written atomically."""
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
+        json.dump(json_safe(obj), f, indent=indent, allow_nan=False)
         f.write("\n")
 
 

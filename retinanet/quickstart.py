@@ -14,11 +14,10 @@ import torch
 from retinanet.analysis.calibration_study import calibrate_model, write_calibration_table
 from retinanet.analysis.loss_study import format_loss_summary, run_loss_study
 from retinanet.config import Config
-from retinanet.data.build import build_transform
-from retinanet.engine.checkpoint import load_trained_model
-from retinanet.engine.files import atomic_write_json
+from retinanet.detector import Detector
 from retinanet.engine.predict import list_images, predict_files
 from retinanet.engine.trainer import train
+from retinanet.files import atomic_write_json
 
 SHAPES_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
 
@@ -58,18 +57,11 @@ def run_quickstart(
 
     print("== 4/4 predictions on validation images ==")
     t = time.perf_counter()
-    model, trained_cfg, classes = load_trained_model(weights, device=device)
-    files = list_images(trained_cfg.data.val.image_dir)[:num_predictions]
-    predict_files(
-        model,
-        files,
-        classes,
-        build_transform(trained_cfg, training=False),
-        trained_cfg.input.size_divisibility,
-        out / "predictions",
-        device,
-        score_threshold=0.5,
-    )
+    # Every detection into predictions.json, as `retinanet predict` writes it; 0.5 selects the
+    # ones drawn.
+    detector = Detector.from_checkpoint(weights, device=device, score_threshold=0.0)
+    files = list_images(detector.config.data.val.image_dir)[:num_predictions]
+    predict_files(detector, files, out / "predictions", score_threshold=0.5)
     timings["predictions_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 

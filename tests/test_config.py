@@ -188,7 +188,7 @@ def test_missing_and_malformed_files(tmp_path):
     ],
 )
 def test_choices_and_ranges_are_validated(override, key):
-    with pytest.raises(ConfigError, match=f"'{key}' must be"):
+    with pytest.raises(ConfigError, match=f"'{key}'( \\(.*\\))? must be"):
         load_config(None, [override])
 
 
@@ -220,3 +220,27 @@ def test_stride_in_1x1_needs_bottleneck_blocks():
     with pytest.raises(ConfigError, match="model.backbone.stride_in_1x1"):
         load_config(None, ["model.backbone.depth=18", "model.backbone.stride_in_1x1=true"])
     assert load_config(None, ["model.backbone.stride_in_1x1=true"]).model.backbone.depth == 50
+
+
+def test_moved_keys_are_read_where_they_live_now(tmp_path):
+    """train.amp and train.channels_last moved to precision.*: an old config file, an old
+    override and an old checkpoint's config still mean the same, with a warning for the first
+    two; the new name wins over the old, and a later file or override over an earlier one."""
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  amp: bf16\n  channels_last: true\n  max_iter: 7\n")
+    with pytest.warns(UserWarning, match=r"'train.amp' \(.*old.yaml\) is now 'precision.amp'"):
+        cfg = load_config(old)
+    assert (cfg.precision.amp, cfg.precision.channels_last, cfg.train.max_iter) == ("bf16", True, 7)
+    with pytest.warns(UserWarning, match=r"override 'train.amp='\) is now"):
+        cfg = load_config(old, ["train.amp="])
+    assert cfg.precision.amp is None  # the override, though spelt the old way, comes last
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("_base_: old.yaml\nprecision:\n  amp: fp16\n")
+    with pytest.warns(UserWarning):
+        assert load_config(recipe).precision.amp == "fp16"
+
+    stored = config_to_dict(load_config())
+    stored["train"].update(amp="bf16", channels_last=True)
+    del stored["precision"]
+    restored = config_from_dict(stored)
+    assert (restored.precision.amp, restored.precision.channels_last) == ("bf16", True)

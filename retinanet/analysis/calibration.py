@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from retinanet.engine.files import atomic_savefig
+from retinanet.files import atomic_savefig
 
 # Scores are clipped to [eps, 1 - eps] before taking logits. 1e-12 keeps every distinct float32
 # score distinct (float32 steps near 1 are 6e-8), so temperature scaling stays strictly monotone.

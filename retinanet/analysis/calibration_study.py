@@ -27,13 +27,13 @@ only non-decreasing and may change AP.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,22 +51,27 @@ from retinanet.analysis.calibration import (
     scores_to_logits,
     split_image_ids,
 )
-from retinanet.data import CocoDetection, build_test_loader
-from retinanet.data.build import build_dataset, resolve_data_paths
+from retinanet.analysis.entropy import EntropyTally, plot_entropy
+from retinanet.analysis.loss_study import anchors_in_padding
+from retinanet.analysis.tables import fixed, format_value, markdown_table, percent, write_table
+from retinanet.config import Config
+from retinanet.data import CocoDetection
+from retinanet.data.build import build_dataset, build_test_loader, resolve_data_paths
+from retinanet.data.classes import ClassInfo
 from retinanet.engine.checkpoint import (
     FINAL_CHECKPOINT,
-    ClassInfo,
     checkpoint_config,
     load_checkpoint,
     load_trained_model,
 )
-from retinanet.engine.evaluation import detections_to_coco_results, evaluate_coco
-from retinanet.engine.files import atomic_open, atomic_write_json, atomic_write_text, json_safe
+from retinanet.engine.coco_metrics import detections_to_coco_results, evaluate_coco
 from retinanet.engine.inference import (
     detections_to_numpy,
     iter_model_outputs,
     keep_known_categories,
 )
+from retinanet.engine.precision import AmpMode
+from retinanet.files import atomic_write_json, json_safe
 from retinanet.model.postprocess import scale_to_original
 from retinanet.model.retinanet import RetinaNet
 
@@ -91,7 +96,27 @@ TABLE_COLUMNS = (
     "ap50_temperature",
     "ap_isotonic",
     "ap50_isotonic",
+    "entropy_foreground",
+    "entropy_background",
 )
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """iou_threshold: a detection is correct at this IoU with an unmatched same-class box;
+    num_bins: confidence bins over [0, 1]; min_score: detections scoring at least this are
+    studied; fit_fraction / seed: the share of the images the calibrators are fitted on, drawn
+    with this seed (the rest evaluate them)."""
+
+    iou_threshold: float = 0.5
+    num_bins: int = 10
+    min_score: float = 0.3
+    fit_fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_score < 1.0:
+            raise ValueError(f"min_score must lie in [0, 1), got {self.min_score}")
 
 
 @dataclass
@@ -103,31 +128,33 @@ class Predictions:
     image_ids: list[int]
     detections: list[dict[str, np.ndarray]]
     candidates: list[dict[str, np.ndarray]]
+    # mean class-score entropy of foreground / background anchors (see analysis/entropy.py)
+    entropy: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
 def collect_predictions(
     model: RetinaNet,
-    dataset: CocoDetection,
+    loader: torch.utils.data.DataLoader,
     device: torch.device,
     min_candidate_score: float = 0.0,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    size_divisibility: int = 128,
-    amp: str = "",
+    amp: AmpMode | None = None,
     progress: bool = False,
 ) -> Predictions:
-    """Run `model` (eval mode, restored afterwards) over `dataset` once, keeping the final
-    detections and the valid pre-NMS candidates scoring >= `min_candidate_score`, both scaled
-    to original-image pixels as `DetectionPostprocessor.__call__` scales its detections.
-    Candidates below the threshold are dropped because there are up to 1000 per level and
-    image; they cannot change how the ones above it match (matching is greedy in score order).
+    """Run `model` (eval mode, restored afterwards) over the test-time batches of `loader` once,
+    keeping the final detections and the valid pre-NMS candidates scoring >=
+    `min_candidate_score`, both scaled to original-image pixels as
+    `DetectionPostprocessor.__call__` scales its detections. Candidates below the threshold are
+    dropped because there are up to 1000 per level and image; they cannot change how the ones
+    above it match (matching is greedy in score order). Also tallies the entropy of the class
+    scores of foreground and background anchors.
     """
-    loader = build_test_loader(
-        dataset, batch_size=batch_size, num_workers=num_workers, size_divisibility=size_divisibility
-    )
     predictions = Predictions([], [], [])
+    entropy = EntropyTally()
     for batch, outputs in iter_model_outputs(model, loader, device, amp, progress):
+        _, anchor_classes, _ = model.criterion.match(outputs.anchors, batch.targets)
+        padding = anchors_in_padding(outputs.anchors, batch.image_sizes)
+        entropy.add(outputs.cls_logits, anchor_classes, padding)
         original_sizes = torch.tensor(batch.orig_sizes, device=device)
         candidates = model.postprocessor.candidates(
             outputs.cls_logits,
@@ -152,6 +179,7 @@ def collect_predictions(
                     }
                 )
             )
+    predictions.entropy = entropy.means()
     return predictions
 
 
@@ -211,11 +239,7 @@ def calibrate_model(
     output_dir: str | os.PathLike,
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
-    iou_threshold: float = 0.5,
-    num_bins: int = 10,
-    min_score: float = 0.3,
-    fit_fraction: float = 0.5,
-    seed: int = 0,
+    settings: CalibrationSettings = CalibrationSettings(),
     device: torch.device | str = "cpu",
     name: str | None = None,
     progress: bool = False,
@@ -227,67 +251,26 @@ def calibrate_model(
     `gamma`, `alpha` and `modulation` in the record are those of the config stored in the
     checkpoint, i.e. the ones it was trained with.
     """
-    if not 0.0 <= min_score < 1.0:
-        raise ValueError(f"min_score must lie in [0, 1), got {min_score}")
     device = torch.device(device)
+    min_score = settings.min_score
     name = name or model_name(weights)
     trained_loss = checkpoint_config(load_checkpoint(weights)).loss
     model, cfg, classes = load_trained_model(weights, config_path, list(overrides), device)
     cfg = resolve_data_paths(cfg)
     dataset = build_dataset(cfg, "val", training=False)
     try:
-        fit_ids, eval_ids = split_image_ids(dataset.image_ids, fit_fraction, seed)
+        fit_ids, eval_ids = split_image_ids(dataset.image_ids, settings.fit_fraction, settings.seed)
     except ValueError as error:
         raise ValueError(f"{dataset.annotation_file}: {error}") from error
 
-    predictions = collect_predictions(
-        model,
-        dataset,
-        device,
-        min_candidate_score=min_score,
-        batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers,
-        size_divisibility=cfg.input.size_divisibility,
-        amp=cfg.train.amp,
-        progress=progress,
+    after_nms, before_nms, entropy = _scored_detections(
+        model, cfg, dataset, classes, device, min_score, settings.iou_threshold, progress
     )
-    after_nms = _ScoredDetections.build(
-        dataset.coco, predictions.image_ids, predictions.detections, classes, iou_threshold
+    temperature, isotonic, num_fit = _fit_calibrators(after_nms, fit_ids, min_score)
+    rescored = _rescored(after_nms.scores, temperature, isotonic)
+    results = _calibration_by_score_set(
+        before_nms, after_nms, rescored, eval_ids, min_score, settings.num_bins
     )
-    before_nms = _ScoredDetections.build(
-        dataset.coco, predictions.image_ids, predictions.candidates, classes, iou_threshold
-    )
-
-    fit_rows = after_nms.rows(fit_ids, min_score)
-    fit_scores, fit_correct = after_nms.scores[fit_rows], after_nms.correct[fit_rows]
-    temperature, temperature_error = _fit_or_error(
-        lambda: fit_temperature(scores_to_logits(fit_scores), fit_correct)
-    )
-    isotonic, isotonic_error = _fit_or_error(lambda: fit_isotonic(fit_scores, fit_correct))
-    # All after-NMS scores (every image, every score, for AP), rescored by each calibrator.
-    rescored = {
-        "after_nms": after_nms.scores,
-        "temperature": None
-        if temperature is None
-        else apply_temperature(after_nms.scores, temperature),
-        "isotonic": None if isotonic is None else isotonic.apply(after_nms.scores),
-    }
-
-    before_rows = before_nms.rows(eval_ids, min_score)
-    after_rows = after_nms.rows(eval_ids, min_score)
-    results = {
-        "before_nms": calibration_metrics(
-            before_nms.scores[before_rows], before_nms.correct[before_rows], num_bins, 0.0
-        ),
-        **{
-            key: None
-            if scores is None
-            else calibration_metrics(
-                scores[after_rows], after_nms.correct[after_rows], num_bins, 0.0
-            )
-            for key, scores in rescored.items()
-        },
-    }
     output_dir = Path(output_dir)
     _write_reliability_diagrams(
         results,
@@ -304,37 +287,119 @@ def calibrate_model(
     record = {
         "model": name,
         "checkpoint": str(weights),
-        "loss": {
-            "gamma": trained_loss.gamma,
-            "alpha": trained_loss.alpha,
-            "modulation": trained_loss.modulation,
-        },
+        "loss": {k: getattr(trained_loss, k) for k in ("gamma", "alpha", "modulation")},
         "annotation_file": str(dataset.annotation_file),
-        "settings": {
-            "iou_threshold": iou_threshold,
-            "num_bins": num_bins,
-            "min_score": min_score,
-            "fit_fraction": fit_fraction,
-            "seed": seed,
-        },
+        "settings": dataclasses.asdict(settings),
         "fit_image_ids": fit_ids,
         "eval_image_ids": eval_ids,
-        "num_fit_detections": int(len(fit_scores)),
-        "temperature": {"T": temperature, "error": temperature_error},
-        "isotonic": {
-            "error": isotonic_error,
-            "knot_scores": None if isotonic is None else isotonic.knot_scores.tolist(),
-            "knot_values": None if isotonic is None else isotonic.knot_values.tolist(),
-        },
+        "num_fit_detections": num_fit,
+        **_calibrator_records(temperature, isotonic),
         "calibration": {
             key: None if result is None else _result_record(result)
             for key, result in results.items()
         },
         "coco": coco_ap,
+        "entropy": entropy,
     }
     record = json_safe(record)
     atomic_write_json(output_dir / CALIBRATION_FILENAME, record)
     return record
+
+
+def _scored_detections(
+    model: RetinaNet,
+    cfg: Config,
+    dataset: CocoDetection,
+    classes: ClassInfo,
+    device: torch.device,
+    min_score: float,
+    iou_threshold: float,
+    progress: bool,
+) -> tuple[_ScoredDetections, _ScoredDetections, dict[str, Any]]:
+    """The model's detections after NMS and its candidates before NMS (those scoring >=
+    `min_score`) on `dataset`, each matched to the ground truth at `iou_threshold`, and the
+    entropy of its anchors' class scores."""
+    loader = build_test_loader(cfg, dataset)
+    predictions = collect_predictions(model, loader, device, min_score, cfg.precision.amp, progress)
+    after_nms, before_nms = (
+        _ScoredDetections.build(dataset.coco, predictions.image_ids, sets, classes, iou_threshold)
+        for sets in (predictions.detections, predictions.candidates)
+    )
+    return after_nms, before_nms, predictions.entropy
+
+
+class _Fit(NamedTuple):
+    """A fitted calibrator, or None and why it could not be fitted."""
+
+    value: Any
+    error: str | None
+
+
+def _fit_calibrators(
+    after_nms: _ScoredDetections, fit_ids: Sequence[int], min_score: float
+) -> tuple[_Fit, _Fit, int]:
+    """Temperature scaling and isotonic regression fitted on the after-NMS detections of the
+    fit images scoring >= `min_score`, and how many detections that was."""
+    rows = after_nms.rows(fit_ids, min_score)
+    scores, correct = after_nms.scores[rows], after_nms.correct[rows]
+    temperature = _Fit(*_fit_or_error(lambda: fit_temperature(scores_to_logits(scores), correct)))
+    isotonic = _Fit(*_fit_or_error(lambda: fit_isotonic(scores, correct)))
+    return temperature, isotonic, int(len(scores))
+
+
+def _rescored(
+    scores: np.ndarray, temperature: _Fit, isotonic: _Fit
+) -> dict[str, np.ndarray | None]:
+    """All after-NMS scores (every image, every score, for AP), as they are and rescored by
+    each calibrator (None where it could not be fitted)."""
+    return {
+        "after_nms": scores,
+        "temperature": None
+        if temperature.value is None
+        else apply_temperature(scores, temperature.value),
+        "isotonic": None if isotonic.value is None else isotonic.value.apply(scores),
+    }
+
+
+def _calibrator_records(temperature: _Fit, isotonic: _Fit) -> dict[str, Any]:
+    curve = isotonic.value
+    return {
+        "temperature": {"T": temperature.value, "error": temperature.error},
+        "isotonic": {
+            "error": isotonic.error,
+            "knot_scores": None if curve is None else curve.knot_scores.tolist(),
+            "knot_values": None if curve is None else curve.knot_values.tolist(),
+        },
+    }
+
+
+def _calibration_by_score_set(
+    before_nms: _ScoredDetections,
+    after_nms: _ScoredDetections,
+    rescored: Mapping[str, np.ndarray | None],
+    eval_ids: Sequence[int],
+    min_score: float,
+    num_bins: int,
+) -> dict[str, CalibrationResult | None]:
+    """Calibration of the evaluation images' detections scoring >= `min_score`: the pre-NMS
+    candidates, and the after-NMS detections under each score set of `rescored` (None where
+    its calibrator could not be fitted)."""
+    before_rows = before_nms.rows(eval_ids, min_score)
+    after_rows = after_nms.rows(eval_ids, min_score)
+    results = {
+        "before_nms": calibration_metrics(
+            before_nms.scores[before_rows], before_nms.correct[before_rows], num_bins, 0.0
+        )
+    }
+    for key, scores in rescored.items():
+        results[key] = (
+            None
+            if scores is None
+            else calibration_metrics(
+                scores[after_rows], after_nms.correct[after_rows], num_bins, 0.0
+            )
+        )
+    return results
 
 
 def compare_calibration(
@@ -342,11 +407,7 @@ def compare_calibration(
     output_dir: str | os.PathLike,
     config_path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
-    iou_threshold: float = 0.5,
-    num_bins: int = 10,
-    min_score: float = 0.3,
-    fit_fraction: float = 0.5,
-    seed: int = 0,
+    settings: CalibrationSettings = CalibrationSettings(),
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -374,11 +435,7 @@ def compare_calibration(
             output_dir / name,
             config_path=config_path,
             overrides=overrides,
-            iou_threshold=iou_threshold,
-            num_bins=num_bins,
-            min_score=min_score,
-            fit_fraction=fit_fraction,
-            seed=seed,
+            settings=settings,
             device=device,
             name=name,
             progress=progress,
@@ -386,6 +443,7 @@ def compare_calibration(
         for name, path in names.items()
     ]
     write_calibration_table(records, output_dir)
+    plot_entropy(records, output_dir / "entropy.png")
     return records
 
 
@@ -396,16 +454,10 @@ def write_calibration_table(
     calibration.md (D-ECE / MCE / Brier per score set, AP in percent) in `output_dir`."""
     if not records:
         raise ValueError("no calibration records to tabulate")
-    output_dir = Path(output_dir)
     rows = [_table_row(record) for record in records]
-    paths = {"csv": output_dir / "calibration.csv", "markdown": output_dir / "calibration.md"}
-    with atomic_open(paths["csv"], "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
 
     def triple(row: Mapping[str, Any], key: str) -> str:
-        return " / ".join(_fixed(row[f"{metric}_{key}"], 3) for metric in ("d_ece", "mce", "brier"))
+        return " / ".join(fixed(row[f"{metric}_{key}"], 3) for metric in ("d_ece", "mce", "brier"))
 
     header = [
         "model",
@@ -416,30 +468,34 @@ def write_calibration_table(
         "AP",
         "AP (temperature)",
         "AP (isotonic)",
+        "entropy fg / bg",
+    ]
+    cells = [
+        [
+            row["model"],
+            format_value(row["gamma"]),
+            format_value(row["alpha"]),
+            *(triple(row, key) for key in SCORE_SETS),
+            fixed(row["temperature"], 3),
+            *(
+                f"{percent(row[f'ap{suffix}'])} / {percent(row[f'ap50{suffix}'])}"
+                for suffix in ("", "_temperature", "_isotonic")
+            ),
+            f"{fixed(row['entropy_foreground'], 3)} / {fixed(row['entropy_background'], 4)}",
+        ]
+        for row in rows
     ]
     settings = records[0]["settings"]
     lines = [
         f"D-ECE / MCE / Brier of the detections with original score >= {settings['min_score']} "
         f"on the evaluation images, correct at IoU >= {settings['iou_threshold']}; "
-        "AP / AP50 in percent on the same images.",
+        "AP / AP50 in percent on the same images; entropy: mean entropy (nats) of the class "
+        "scores of foreground / background anchors on all images.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *markdown_table(header, cells),
     ]
-    for row in rows:
-        cells = [
-            row["model"],
-            _format_value(row["gamma"]),
-            _format_value(row["alpha"]),
-            *(triple(row, key) for key in SCORE_SETS),
-            _fixed(row["temperature"], 3),
-            *(
-                f"{_percent(row[f'ap{suffix}'])} / {_percent(row[f'ap50{suffix}'])}"
-                for suffix in ("", "_temperature", "_isotonic")
-            ),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    atomic_write_text(paths["markdown"], "\n".join(lines) + "\n")
+    csv_rows = [[row[c] for c in TABLE_COLUMNS] for row in rows]
+    paths = write_table(output_dir, "calibration", TABLE_COLUMNS, csv_rows, lines)
     return paths
 
 
@@ -562,22 +618,11 @@ def _table_row(record: Mapping[str, Any]) -> dict[str, Any]:
     ):
         row[f"ap{suffix}"] = record["coco"][key]["AP"]
         row[f"ap50{suffix}"] = record["coco"][key]["AP50"]
+    entropy = record.get("entropy") or {}
+    row["entropy_foreground"] = entropy.get("foreground")
+    row["entropy_background"] = entropy.get("background")
     return row
 
 
 def _concat(arrays: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays] or [np.zeros(0, dtype)])
-
-
-def _fixed(value: float | None, digits: int) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def _format_value(value: Any) -> str:
-    if value is None:
-        return "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)

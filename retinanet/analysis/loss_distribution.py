@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from retinanet.analysis.plots import plot_cumulative_loss
-from retinanet.engine.files import atomic_open, atomic_write_json
+from retinanet.files import atomic_open, atomic_write_json
 from retinanet.model.matcher import BACKGROUND, IGNORE
 
 VIEWS = ("anchor", "binary")

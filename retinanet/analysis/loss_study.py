@@ -30,11 +30,11 @@ from retinanet.analysis.loss_distribution import (
     write_loss_cdf,
 )
 from retinanet.analysis.plots import plot_loss_vs_pt
-from retinanet.data import CocoDetection, build_test_loader
-from retinanet.data.build import build_dataset, resolve_data_paths
+from retinanet.data.build import build_dataset, build_test_loader, resolve_data_paths
 from retinanet.engine.checkpoint import load_trained_model
-from retinanet.engine.files import atomic_write_json
 from retinanet.engine.inference import iter_model_outputs
+from retinanet.engine.precision import AmpMode
+from retinanet.files import atomic_write_json
 from retinanet.model.matcher import BACKGROUND, IGNORE
 from retinanet.model.retinanet import RetinaNet
 
@@ -91,31 +91,20 @@ def anchors_in_padding(anchors: Tensor, image_sizes: Tensor) -> Tensor:
 @torch.no_grad()
 def collect_loss_distribution(
     model: RetinaNet,
-    dataset: CocoDetection,
-    image_indices: Sequence[int],
+    loader: torch.utils.data.DataLoader,
     device: torch.device,
     gammas: Sequence[float] = (0.0, 0.5, 1.0, 2.0),
     view: str = "anchor",
-    batch_size: int = 8,
-    num_workers: int = 0,
-    size_divisibility: int = 128,
-    amp: str = "",
+    amp: AmpMode | None = None,
     progress: bool = False,
 ) -> LossStudy:
-    """Run `model` (put in eval mode, restored afterwards) on the images `image_indices` of
-    `dataset` (whose transform should be the test-time one) and feed each image's
-    classification logits and matcher labels to a `LossDistribution(gammas, view)`.
+    """Run `model` (put in eval mode, restored afterwards) on the test-time batches of `loader`
+    and feed each image's classification logits and matcher labels to a
+    `LossDistribution(gammas, view)`.
 
-    amp: "" (fp32), "bf16" or "fp16" for the network; the losses are computed in float32.
+    amp: None (fp32), "bf16" or "fp16" for the network; the losses are computed in float32.
     """
     distribution = LossDistribution(gammas, view)
-    subset = torch.utils.data.Subset(dataset, list(image_indices))
-    loader = build_test_loader(
-        subset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        size_divisibility=size_divisibility,
-    )
     image_ids: list[int] = []
     totals = torch.zeros(4, dtype=torch.int64)  # foreground, background, ignored, padding
     for batch, outputs in iter_model_outputs(
@@ -194,18 +183,9 @@ def run_loss_study(
         indices = sample_image_indices(len(dataset), num_images, seed)
     except ValueError as error:
         raise ValueError(f"split {split!r} ({dataset.annotation_file}): {error}") from error
+    loader = build_test_loader(cfg, torch.utils.data.Subset(dataset, indices))
     study = collect_loss_distribution(
-        model,
-        dataset,
-        indices,
-        device,
-        gammas=gammas,
-        view=view,
-        batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers,
-        size_divisibility=cfg.input.size_divisibility,
-        amp=cfg.train.amp,
-        progress=progress,
+        model, loader, device, gammas, view, cfg.precision.amp, progress
     )
     if study.anchors.foreground == 0:
         raise ValueError(

@@ -60,7 +60,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     """Parse `argv` for command `name` and run it. Errors a user can cause print `error: ...`
     and return 1; an interrupted training returns its signal's exit code (128 + signal);
     the process group, if any, is always shut down."""
-    from retinanet.engine.distributed import shutdown_distributed
+    from retinanet.engine.distributed import failures_shared, shutdown_distributed
     from retinanet.engine.signals import TrainingInterrupted
 
     module = importlib.import_module(f"retinanet.cli.{COMMANDS[name]}")
@@ -71,8 +71,11 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(list(argv))
+    # Under torchrun a failing process tells the others (which then stop naming it), instead of
+    # leaving them waiting in a collective until it times out.
+    run = failures_shared(module.run, clean_stops=(TrainingInterrupted,))
     try:
-        return int(module.run(args))
+        return int(run(args))
     except TrainingInterrupted as stopped:
         print(str(stopped), file=sys.stderr)
         return stopped.exit_code

@@ -11,7 +11,7 @@ anchors with the model's own matcher and re-evaluates the focal loss of every fo
 background sample for each gamma. Writes DIR/loss_cdf.csv, loss_cdf_summary.json, loss_cdf.png,
 loss_vs_pt.png (paper Figure 1) and loss_study.json, and prints the share of the loss carried
 by the hardest samples. --config defaults to the config stored in the checkpoint; trailing
-key=value arguments override config keys (e.g. train.amp= to run the network in fp32).
+key=value arguments override config keys (e.g. precision.amp= to run the network in fp32).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import argparse
 
 from retinanet.analysis.loss_distribution import VIEWS
 from retinanet.analysis.loss_study import SPLITS, format_loss_summary, run_loss_study
+from retinanet.cli.arguments import add_checkpoint_config, add_device, add_overrides
 from retinanet.engine.device import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config (default: the checkpoint's)")
+    add_checkpoint_config(parser)
     parser.add_argument("--weights", required=True, help="checkpoint (.pth) of this project")
     parser.add_argument("--output-dir", required=True, help="where the curves and plots go")
     parser.add_argument(
@@ -46,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="anchor: one sample per anchor; binary: one per (anchor, class) pair",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_device(parser)
+    add_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:

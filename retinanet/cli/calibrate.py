@@ -20,12 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from retinanet.analysis.calibration_study import compare_calibration
+from retinanet.analysis.calibration_study import CalibrationSettings, compare_calibration
+from retinanet.cli.arguments import add_checkpoint_config, add_device, add_overrides
 from retinanet.engine.device import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config (default: the checkpoint's)")
+    add_checkpoint_config(parser)
     parser.add_argument(
         "--weights", required=True, nargs="+", metavar="CKPT", help="one or more checkpoints"
     )
@@ -47,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of the images the calibrators are fitted on (0.5)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fit/evaluation split")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_device(parser)
+    add_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,11 +63,9 @@ def run(args: argparse.Namespace) -> int:
         args.output_dir,
         config_path=args.config,
         overrides=args.overrides,
-        iou_threshold=args.iou,
-        num_bins=args.bins,
-        min_score=args.min_score,
-        fit_fraction=args.fit_fraction,
-        seed=args.seed,
+        settings=CalibrationSettings(
+            args.iou, args.bins, args.min_score, args.fit_fraction, args.seed
+        ),
         device=resolve_device(args.device),
         progress=True,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from retinanet.engine.conversion import SOURCES, convert_checkpoint
+from retinanet.engine.checkpoint_conversion import SOURCES, convert_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from retinanet.cli.arguments import add_device
 from retinanet.engine.selftest import PARTS, SelfTestOptions, ddp_worker, run_selftest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    add_device(parser)
     parser.add_argument("--quick", action="store_true", help="CPU-sized work in every part")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--output-dir", default="runs/gpu_selftest")

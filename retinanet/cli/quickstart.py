@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from retinanet.cli.arguments import add_device, add_overrides
 from retinanet.config import load_config
 from retinanet.engine.device import resolve_device
 from retinanet.quickstart import SHAPES_CONFIG, run_quickstart
@@ -24,9 +25,9 @@ from retinanet.quickstart import SHAPES_CONFIG, run_quickstart
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/quickstart")
     parser.add_argument("--config", default=str(SHAPES_CONFIG), help="default: configs/shapes.yaml")
-    parser.add_argument("--device", default="auto")
+    add_device(parser)
     parser.add_argument("--num-predictions", type=int, default=8, help="val images to draw")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:

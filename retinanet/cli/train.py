@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from retinanet.cli.arguments import add_device, add_overrides
 from retinanet.config import load_config
 from retinanet.engine.trainer import train
 
@@ -29,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --output-dir"
     )
-    parser.add_argument(
-        "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ..."
-    )
+    add_device(parser)
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     parser.add_argument(
         "--stop-at",
@@ -40,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ITER",
         help="stop after ITER iterations as if interrupted",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from retinanet.data.coco import CocoDetection, DatasetError, DatasetWarning
 from retinanet.data.collate import Batch, collate_detection
-from retinanet.data.loader import build_test_loader, build_train_loader
+from retinanet.data.loader import create_test_loader, create_train_loader
 from retinanet.data.sampler import InferenceSampler, TrainingBatchSampler, training_stream
 from retinanet.data.shapes import SHAPE_NAMES, ShapesPaths, ensure_shapes_dataset
 from retinanet.data.transforms import DetectionTransform, resized_shape
@@ -17,8 +17,8 @@ __all__ = [
     "InferenceSampler",
     "ShapesPaths",
     "TrainingBatchSampler",
-    "build_test_loader",
-    "build_train_loader",
+    "create_test_loader",
+    "create_train_loader",
     "collate_detection",
     "ensure_shapes_dataset",
     "resized_shape",

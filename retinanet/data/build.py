@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+from torch.utils.data import DataLoader, Dataset
+
 from ..config import Config, ConfigError, DatasetSplitConfig
 from .coco import CocoDetection
+from .loader import create_test_loader, create_train_loader
 from .shapes import ensure_shapes_dataset
 from .transforms import DetectionTransform
 
@@ -71,4 +75,44 @@ def build_dataset(cfg: Config, split: str, training: bool) -> CocoDetection:
         transform=build_transform(cfg, training),
         filter_empty=cfg.data.filter_empty and training,
         on_bad_image=cfg.data.on_bad_image if training else "stop",
+    )
+
+
+def build_train_loader(
+    cfg: Config,
+    dataset: CocoDetection,
+    start_iter: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+) -> DataLoader:
+    """The infinite, seeded training stream of `dataset` from iteration `start_iter`: this
+    rank's share of train.batch_size, data.num_workers, train.seed, grouping and padding as
+    configured; pinned memory when feeding a CUDA `device`."""
+    return create_train_loader(
+        dataset,
+        batch_size=cfg.train.batch_size // world_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+        start_iter=start_iter,
+        rank=rank,
+        world_size=world_size,
+        aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+        size_divisibility=cfg.input.size_divisibility,
+        pin_memory=device is not None and device.type == "cuda",
+    )
+
+
+def build_test_loader(
+    cfg: Config, dataset: Dataset, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Every image of `dataset` (any dataset of test-time items, e.g. a Subset) once, in order
+    (this rank's contiguous shard), eval.batch_size at a time, padded as configured."""
+    return create_test_loader(
+        dataset,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        rank=rank,
+        world_size=world_size,
+        size_divisibility=cfg.input.size_divisibility,
     )

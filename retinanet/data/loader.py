@@ -30,7 +30,7 @@ def init_worker(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_train_loader(
+def create_train_loader(
     dataset: CocoDetection,
     batch_size: int,
     num_workers: int,
@@ -58,7 +58,7 @@ def build_train_loader(
     return _loader(dataset, batch_sampler, num_workers, size_divisibility, pin_memory)
 
 
-def build_test_loader(
+def create_test_loader(
     dataset: CocoDetection,
     batch_size: int = 1,
     num_workers: int = 0,

@@ -1,20 +1,24 @@
 """Side-by-side timings of our RetinaNet parts against torchvision's on identical inputs.
 
 Every measurement alternates ours and torchvision's call (ABAB...) so that load from other
-processes on a shared machine hits both alike, and reports medians and their ratio.
+processes on a shared machine hits both alike, and reports medians and their ratio. The
+inference benchmark runs several ways of running our detector (eager fp32, bf16, compiled,
+ONNX Runtime) round-robin against torchvision's, and reports images per second.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,9 +33,9 @@ from ..config import Config, load_config
 from ..data.collate import Batch
 from ..model.build import build_model
 from ..model.retinanet import RetinaNet
-from .optim import build_optimizer, optimizer_from_config
+from .optim import build_optimizer, create_optimizer
 from .precision import autocast, grad_scaler, resolve_amp
-from .trainer import StepParts, train_step
+from .step import StepParts, compile_network, train_step
 
 
 @dataclass
@@ -61,21 +65,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_round_robin(
+    steps: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each callable, called in turn (A B C A B C ...) `repeats` times after
+    `warmup` calls each, so that a load that comes and goes hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_alternating(
     ours: Callable[[], object], reference: Callable[[], object], repeats: int, device: torch.device
 ) -> tuple[float, float]:
     """Median seconds of each callable, run alternately after one warm-up call each."""
-    ours()
-    reference()
-    ours_times, ref_times = [], []
-    for _ in range(repeats):
-        for fn, times in ((ours, ours_times), (reference, ref_times)):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(ours_times), statistics.median(ref_times)
+    medians = time_round_robin({"ours": ours, "reference": reference}, repeats, device)
+    return medians["ours"], medians["reference"]
 
 
 def random_targets(
@@ -310,7 +324,7 @@ def benchmark_train_step(
         t["crowd_boxes"] = torch.zeros(0, 4, device=device)
     step_batch = Batch(images, sizes, targets, list(range(batch)), [(height, width)] * batch)
     parts = StepParts(
-        ours, ours, build_optimizer(ours, "sgd", 1e-4, 1e-4), amp, device, grad_scaler(amp, device)
+        ours, ours, create_optimizer(ours, "sgd", 1e-4, 1e-4), amp, device, grad_scaler(amp, device)
     )
     reference_optimizer = torch.optim.SGD(
         [p for p in reference.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
@@ -353,6 +367,210 @@ def benchmark_train_step(
 
 
 # --------------------------------------------------------------------------------------------
+# Inference: images per second of each way of running our detector, against torchvision's
+# --------------------------------------------------------------------------------------------
+
+TORCHVISION = "torchvision"
+# torchvision pads batches to a multiple of 32, and so does the converted config.
+SIZE_DIVISIBILITY = 32
+CONTENDERS = (
+    TORCHVISION,
+    "ours_fp32",
+    "ours_fp32_channels_last",
+    "ours_bf16",
+    "ours_compiled",
+    "onnxruntime",
+)
+
+
+@dataclass
+class InferenceThroughput:
+    """Images per second (batch / median seconds per call) of each contender at each batch
+    size, measured round-robin; `skipped` says why a contender did not run, `details` how
+    one was set up (compilation and export times)."""
+
+    name: str
+    images_per_s: dict[str, dict[int, float]]
+    skipped: dict[str, str] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)
+
+    def speedup(self, contender: str, batch: int) -> float | None:
+        """contender's throughput / torchvision's at `batch` (None if either is missing)."""
+        ours = self.images_per_s.get(contender, {}).get(batch)
+        reference = self.images_per_s.get(TORCHVISION, {}).get(batch)
+        return None if ours is None or reference is None else ours / reference
+
+    def to_dict(self) -> dict:
+        batches = sorted({b for per in self.images_per_s.values() for b in per})
+        return {
+            "name": self.name,
+            "images_per_s": {k: {str(b): v for b, v in per.items()}
+                             for k, per in self.images_per_s.items()},
+            "speedup_vs_torchvision": {
+                k: {str(b): self.speedup(k, b) for b in batches} for k in self.images_per_s
+            },
+            "skipped": self.skipped,
+            "details": self.details,
+        }  # fmt: skip
+
+
+def same_r50_models(
+    device: torch.device, height: int, width: int, num_classes: int = 91, seed: int = 0
+) -> tuple[torch.nn.Module, RetinaNet]:
+    """torchvision's retinanet_resnet50_fpn(weights=None, weights_backbone=None) with seeded
+    random weights, and ours converted from it (configs/torchvision_retinanet_R50_FPN.yaml,
+    BatchNorm eps as torchvision's untrained model): the same network and the same detections.
+    torchvision's resize is set to leave (height, width) images at their size, as ours does."""
+    from ..model.foreign_weights import convert_torchvision
+    from .checkpoint_conversion import CONFIG_DIR
+
+    torch.manual_seed(seed)
+    reference = retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes,
+        min_size=min(height, width), max_size=max(height, width),
+    ).eval()  # fmt: skip
+    cfg = load_config(CONFIG_DIR / "torchvision_retinanet_R50_FPN.yaml",
+                      ["model.backbone.norm_eps=1e-5"])  # fmt: skip
+    ours = build_model(cfg, num_classes, load_backbone_weights=False)
+    ours.load_state_dict(convert_torchvision(reference.state_dict()), strict=False)
+    return reference.to(device), ours.to(device).eval()
+
+
+def _onnx_session(model: RetinaNet, device: torch.device, size_divisibility: int):
+    """ONNX Runtime session of `model` exported with a dynamic batch, and the export's
+    seconds."""
+    import onnxruntime as ort
+
+    from ..data.classes import ClassInfo
+    from ..deploy.onnx_export import export_onnx
+
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        providers.insert(0, "CUDAExecutionProvider")
+    k = model.num_classes
+    classes = ClassInfo([str(i) for i in range(k)], list(range(k)))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory(prefix="retinanet_bench_") as work_dir:
+        start = time.perf_counter()
+        path = export_onnx(copy.deepcopy(model), Path(work_dir) / "model.onnx", classes,
+                           size_divisibility, 800, 1333)  # fmt: skip
+        export_s = time.perf_counter() - start
+        return ort.InferenceSession(str(path), options, providers=providers), export_s
+
+
+def benchmark_inference(
+    device: torch.device,
+    batch_sizes: Sequence[int] = (1, 8),
+    height: int = 800,
+    width: int = 1333,
+    repeats: int = 3,
+    contenders: Sequence[str] = CONTENDERS,
+    seed: int = 0,
+) -> InferenceThroughput:
+    """R50-FPN detection from 0-255 RGB pixels of (height, width) to detections (normalising,
+    padding, network, postprocessing; no resize, the images already have the size), images
+    per second at each batch size: torchvision's eager model against ours eager in fp32 (as
+    loaded, and channels-last), in bf16 (channels-last; only where the device computes bf16
+    natively), with the network compiled (inductor, fp32) and exported to ONNX Runtime.
+    Contenders alternate call by call after one warm-up call each; a contender that cannot run
+    is skipped with the reason. Weights are random (the same in every contender), so the class
+    scores stay near the prior 0.01 and postprocessing has almost nothing to keep."""
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown or TORCHVISION not in contenders:
+        raise ValueError(f"contenders must include {TORCHVISION!r} and be among {CONTENDERS}, "
+                         f"got unknown {unknown}")  # fmt: skip
+    reference, ours = same_r50_models(device, height, width, seed=seed)
+    result = InferenceThroughput(
+        f"R50-FPN inference, {height}x{width}, {device.type}", {name: {} for name in contenders}
+    )
+    models: dict[str, RetinaNet] = {}
+    session = None
+    amp = resolve_amp("auto", device)
+    for name in contenders:
+        try:
+            if name == "ours_fp32":
+                models[name] = ours
+            elif name == "ours_fp32_channels_last":
+                models[name] = copy.deepcopy(ours).use_channels_last()
+            elif name == "ours_bf16":
+                if amp != "bf16":
+                    raise RuntimeError(f"no native bf16 on this {device.type} (it would be "
+                                       "emulated, slower than fp32)")  # fmt: skip
+                models[name] = copy.deepcopy(ours).use_channels_last()
+            elif name == "ours_compiled":
+                models[name] = compile_network(copy.deepcopy(ours))
+            elif name == "onnxruntime":
+                session, export_s = _onnx_session(ours, device, SIZE_DIVISIBILITY)
+                result.details[name] = f"export {export_s:.0f} s"
+        except Exception as err:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
+            result.skipped[name] = f"{type(err).__name__}: {str(err)[:300]}"
+    g = torch.Generator().manual_seed(seed)
+    for batch in batch_sizes:
+        images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8)
+        steps = _inference_steps(reference, models, session, images.to(device), device)
+        for name, step in list(steps.items()):
+            if name in result.skipped:
+                del steps[name]
+                continue
+            start = time.perf_counter()
+            try:
+                step()  # the warm-up; compiles the compiled contender for this batch size
+            except Exception as err:  # noqa: BLE001
+                result.skipped[name] = f"{type(err).__name__}: {str(err)[:300]}"
+                del steps[name]
+                continue
+            if name == "ours_compiled":
+                first = f"first call at batch {batch} {time.perf_counter() - start:.0f} s"
+                result.details[name] = "; ".join(filter(None, [result.details.get(name), first]))
+        medians = time_round_robin(steps, repeats, device, warmup=0)
+        for name, seconds in medians.items():
+            result.images_per_s[name][batch] = batch / seconds
+    for name in result.skipped:
+        result.images_per_s.pop(name, None)
+    return result
+
+
+def _inference_steps(
+    reference: torch.nn.Module,
+    models: dict[str, RetinaNet],
+    session,
+    images: torch.Tensor,
+    device: torch.device,
+) -> dict[str, Callable[[], object]]:
+    """One call per contender on the same (B, 3, H, W) uint8 images, each in the input form its
+    API takes (prepared outside the timed call): torchvision a list of 0-1 float images, ours
+    the uint8 batch with its sizes (padded in the call, as collate pads), ONNX Runtime a float32
+    NumPy array of 0-255 pixels (padded in the graph)."""
+    batch, _, height, width = images.shape
+    sizes = torch.tensor([[height, width]] * batch, device=device)
+    float_images = list(images.float().div(255))
+    padding = (0, (-width) % SIZE_DIVISIBILITY, 0, (-height) % SIZE_DIVISIBILITY)
+
+    def run_reference() -> object:
+        with torch.no_grad():
+            return reference(float_images)
+
+    def run_ours(model: RetinaNet, amp: str) -> Callable[[], object]:
+        def step() -> object:
+            with autocast(amp, device):
+                return model.predict(torch.nn.functional.pad(images, padding), sizes)
+
+        return step
+
+    steps: dict[str, Callable[[], object]] = {TORCHVISION: run_reference}
+    for name, model in models.items():
+        steps[name] = run_ours(model, "bf16" if name == "ours_bf16" else "")
+    if session is not None:
+        pixels = images.float().cpu().numpy()
+        steps["onnxruntime"] = lambda: session.run(None, {"images": pixels})
+    return steps
+
+
+# --------------------------------------------------------------------------------------------
 # A recipe's own training step: precision modes and torch.compile
 # --------------------------------------------------------------------------------------------
 
@@ -365,11 +583,11 @@ def synthetic_training_step(
     `device`."""
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=7).to(device)
-    if cfg.train.channels_last:
+    if cfg.precision.channels_last:
         model.use_channels_last()
     model.train()
     t = cfg.train
-    optimizer = optimizer_from_config(t, model)
+    optimizer = build_optimizer(cfg, model)
     batch_size = batch_size or t.batch_size
     size = max(cfg.input.min_size)
     g = torch.Generator().manual_seed(0)
@@ -393,7 +611,7 @@ def time_recipe_step(
 ) -> list[float]:
     """Seconds of each of `steps` training steps of the recipe `config` (model step only: a
     synthetic batch already on the device, no data loading), after `warmup` steps."""
-    cfg = load_config(config, [f"train.amp={amp}"])
+    cfg = load_config(config, [f"precision.amp={amp}"])
     parts, batch = synthetic_training_step(cfg, device, resolve_amp(amp, device))
     times = []
     for i in range(warmup + steps):
@@ -424,7 +642,7 @@ class ModeComparison:
 
 
 def benchmark_recipe_modes(config: str | Path, steps: int = 10, rounds: int = 2) -> ModeComparison:
-    """The recipe's CPU training step as this CPU runs it (train.amp=auto: bf16 where native)
+    """The recipe's CPU training step as this CPU runs it (precision.amp=auto: bf16 where native)
     and as a CPU with AVX2 only runs it (fp32, oneDNN/ATen limited to AVX2), each mode in its
     own process (the ISA limit is read at start-up), alternating `rounds` times."""
     modes = {
@@ -458,12 +676,10 @@ def benchmark_compile(
     """The recipe's training step with train.compile (inductor) against eager, alternating
     (Comparison's `torchvision_s` holds the eager time here). Compilation itself, before the
     timing, is reported in the name."""
-    cfg = load_config(config, [f"train.amp={amp}"])
+    cfg = load_config(config, [f"precision.amp={amp}"])
     amp = resolve_amp(amp, device)
     eager, batch = synthetic_training_step(cfg, device, amp)
     compiled, _ = synthetic_training_step(cfg, device, amp)
-    from .trainer import compile_network
-
     compile_network(compiled.model)
     start = time.perf_counter()
     train_step(compiled, batch, progress=0.0)

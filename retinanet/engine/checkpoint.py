@@ -15,7 +15,6 @@ from __future__ import annotations
 import pickle
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +22,12 @@ import numpy as np
 import torch
 
 from ..config import Config, config_from_dict, config_to_dict
-from .files import atomic_torch_save, atomic_write_text
+from ..data.classes import ClassInfo
+from ..files import atomic_torch_save, atomic_write_text
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 FINAL_CHECKPOINT = "model_final.pth"
-
-
-@dataclass
-class ClassInfo:
-    """Class names and the dataset category id of each contiguous class index."""
-
-    names: list[str]
-    category_ids: list[int]
-
-    def __post_init__(self) -> None:
-        if len(self.names) != len(self.category_ids):
-            raise ValueError(
-                f"{len(self.names)} class names but {len(self.category_ids)} category ids"
-            )
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
-
-    def to_dict(self) -> dict[str, list]:
-        return {"names": list(self.names), "category_ids": [int(c) for c in self.category_ids]}
+BEST_CHECKPOINT = "model_best.pth"
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,7 +69,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
+    """Write a checkpoint atomically: weights, config, classes and iteration, with the
+    training state (optimizer, RNG, scheduler, scaler) when given, and `extra` entries (plain
+    types and tensors only, so that it loads with weights_only=True)."""
     path = Path(path)
     state: dict[str, Any] = {
         "model": model.state_dict(),
@@ -104,6 +88,7 @@ def save_checkpoint(
         state["scheduler"] = scheduler.state_dict()
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    state.update(extra or {})
     atomic_torch_save(path, state)
     return path
 
@@ -266,6 +251,6 @@ def load_trained_model(
     model = build_model(cfg, classes.num_classes, load_backbone_weights=False)
     load_model_weights(model, state, weights)
     model.to(device).eval()
-    if cfg.train.channels_last:
+    if cfg.precision.channels_last:
         model.use_channels_last()
     return model, cfg, classes

@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config
+from ..data.classes import ClassInfo
 from ..model.build import build_model
-from ..model.convert import (
+from ..model.foreign_weights import (
     TORCHVISION_COCO_CATEGORIES,
     convert_detectron2,
     convert_torchvision,
     torchvision_variant,
 )
-from .checkpoint import ClassInfo, load_model_weights, save_checkpoint
+from .checkpoint import load_model_weights, save_checkpoint
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 SOURCES = ("torchvision", "detectron2")

@@ -18,16 +18,19 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
-from retinanet.engine.files import atomic_write_json, json_safe
+from retinanet.data.coco import check_coco_dict, complete_for_evaluation
+from retinanet.files import atomic_write_json, json_safe
 
-BACKENDS = ("pycocotools", "faster_coco_eval")
+# pycocotools is the reference; faster_coco_eval gives the same numbers faster.
+EvalBackend = Literal["pycocotools", "faster_coco_eval"]
+BACKENDS: tuple[str, ...] = get_args(EvalBackend)
 
 # The order of COCOeval.stats for iouType="bbox".
 SUMMARY_NAMES = (
@@ -63,6 +66,19 @@ class CategoryAP:
 
 
 @dataclass(frozen=True)
+class PrecisionArray:
+    """COCOeval's accumulated precision at area "all" and 100 detections per image: values
+    (T, R, K) for T IoU thresholds (0.5:0.95), R recall thresholds (0:0.01:1) and K categories;
+    the interpolated precision at each recall, 0 above the highest recall reached, -1 for a
+    category without ground truth. A category's AP is the mean of its entries."""
+
+    values: np.ndarray
+    iou_thresholds: np.ndarray
+    recall_thresholds: np.ndarray
+    category_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class CocoMetrics:
     """The 12 COCO bbox numbers as fractions in [0, 1], in `SUMMARY_NAMES` order. A number is NaN
     where COCOeval reports -1, i.e. no GT box falls in that area range (the printed `summary`
@@ -86,6 +102,8 @@ class CocoMetrics:
     backend: str
     num_images: int
     num_detections: int
+    # the array the AP numbers average (for precision-recall curves); not in metrics.json
+    precision: PrecisionArray | None = field(default=None, repr=False, compare=False)
 
     def summary_numbers(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in SUMMARY_NAMES}
@@ -174,11 +192,17 @@ def evaluate_coco(
     image_ids: evaluate only these GT images (a shard, a held-out split); default all of them.
         Results on other images are dropped.
 
-    With no detections at all, every AP and AR whose area range has GT is 0.
+    With no detections at all, every AP and AR whose area range has GT is 0. The ground truth is
+    checked by the dataset loader's rules first (`retinanet.data.coco.check_coco_dict`): a
+    record COCOeval would trip over raises DatasetError naming it; annotations without 'area'
+    or 'iscrowd' are evaluated with the box's w * h and 0 (`complete_for_evaluation`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown evaluation backend {backend!r}; choose one of {BACKENDS}")
-    gt_dataset, gt_source = _gt_dataset(coco_gt)
+    checked_dataset, gt_source = _gt_dataset(coco_gt)
+    gt_dataset = complete_for_evaluation(checked_dataset)
+    if gt_dataset is not checked_dataset or isinstance(coco_gt, (str, os.PathLike)):
+        coco_gt = None  # index the completed dict instead of the object given
     if isinstance(results, (str, os.PathLike)):
         results_source = str(results)
         results = _read_json_list(Path(results), "COCO results")
@@ -218,6 +242,7 @@ def evaluate_coco(
         backend=backend,
         num_images=len(eval_image_ids),
         num_detections=len(kept_results),
+        precision=_precision_array(coco_eval),
     )
 
 
@@ -380,7 +405,7 @@ def _check_ids_known(ids: np.ndarray, known: np.ndarray, what: str, gt_source: s
 
 
 def _gt_dataset(coco_gt: Any) -> tuple[dict[str, Any], str]:
-    """The annotation dict behind `coco_gt` and a name for it in error messages."""
+    """The annotation dict behind `coco_gt`, checked, and a name for it in error messages."""
     if isinstance(coco_gt, (str, os.PathLike)):
         source = str(coco_gt)
         dataset = _read_json(Path(coco_gt), "COCO annotation")
@@ -389,11 +414,7 @@ def _gt_dataset(coco_gt: Any) -> tuple[dict[str, Any], str]:
         dataset = coco_gt.dataset
     else:
         raise TypeError(f"coco_gt must be a COCO object or a path, not {type(coco_gt).__name__}")
-    if not isinstance(dataset, dict):
-        raise ValueError(f"{source}: a COCO annotation file holds a dict, not {type(dataset)}")
-    missing = [key for key in ("images", "annotations", "categories") if key not in dataset]
-    if missing:
-        raise ValueError(f"{source}: COCO annotations lack the key(s) {missing}")
+    check_coco_dict(dataset, source).raise_on_errors()
     return dataset, source
 
 
@@ -403,8 +424,10 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{what} file {path} is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise ValueError(f"{what} file {path} is not valid JSON: nested too deeply") from error
 
 
 def _read_json_list(path: Path, what: str) -> list:
@@ -417,6 +440,7 @@ def _read_json_list(path: Path, what: str) -> list:
 def _run_pycocotools(
     coco_gt: Any, gt_dataset: dict[str, Any], results: list[dict[str, Any]], image_ids: list[int]
 ) -> tuple[Any, str]:
+    """COCOeval over `coco_gt` when it is a pycocotools COCO (None: an index of `gt_dataset`)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -478,6 +502,19 @@ def _empty_results_dataset(gt_dataset: dict[str, Any]) -> dict[str, Any]:
         "categories": copy.deepcopy(gt_dataset["categories"]),
         "annotations": [],
     }
+
+
+def _precision_array(coco_eval: Any) -> PrecisionArray:
+    params = coco_eval.params
+    area_index = list(params.areaRngLbl).index("all")
+    max_dets_index = list(params.maxDets).index(100)
+    values = np.asarray(coco_eval.eval["precision"])[:, :, :, area_index, max_dets_index]
+    return PrecisionArray(
+        values=values.astype(np.float64),
+        iou_thresholds=np.asarray(params.iouThrs, dtype=np.float64),
+        recall_thresholds=np.asarray(params.recThrs, dtype=np.float64),
+        category_ids=tuple(int(c) for c in params.catIds),
+    )
 
 
 def _per_category_ap(

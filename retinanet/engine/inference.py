@@ -11,23 +11,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import Batch, CocoDetection, build_test_loader
+from ..config import Config
+from ..data import Batch, CocoDetection
+from ..data.build import build_test_loader
+from ..data.classes import ClassInfo
 from ..data.collate import raise_on_bad_images
 from ..model.retinanet import HeadOutputs, RetinaNet
-from .checkpoint import ClassInfo
+from .coco_metrics import (
+    CocoMetrics,
+    detections_to_coco_results,
+    evaluate_coco,
+    format_category_table,
+    write_evaluation,
+)
 from .distributed import (
     broadcast_from_main,
     gather_to_main,
     get_rank,
     get_world_size,
     is_main_process,
-)
-from .evaluation import (
-    CocoMetrics,
-    detections_to_coco_results,
-    evaluate_coco,
-    format_category_table,
-    write_evaluation,
 )
 from .precision import autocast
 
@@ -110,26 +112,17 @@ def evaluate_model(
     dataset: CocoDetection,
     classes: ClassInfo,
     device: torch.device,
+    cfg: Config,
     output_dir: str | Path | None = None,
-    batch_size: int = 8,
-    num_workers: int = 2,
-    size_divisibility: int = 128,
-    backend: str = "pycocotools",
-    amp: str = "",
     progress: bool = False,
     verbose: bool = True,
 ) -> CocoMetrics:
-    """COCO bbox evaluation of `model` on `dataset`. Every process runs inference on its shard;
-    rank 0 gathers the detections, evaluates, writes coco_results.json and metrics.json into
-    `output_dir` (when given), and the metrics are returned on every process."""
-    loader = build_test_loader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        rank=get_rank(),
-        world_size=get_world_size(),
-        size_divisibility=size_divisibility,
-    )
+    """COCO bbox evaluation of `model` on `dataset`, loaded and run as `cfg` says (eval.*,
+    precision.*). Every process runs inference on its shard; rank 0 gathers the detections,
+    evaluates, writes coco_results.json and metrics.json into `output_dir` (when given), and the
+    metrics are returned on every process."""
+    loader = build_test_loader(cfg, dataset, rank=get_rank(), world_size=get_world_size())
+    amp = cfg.precision.amp
     image_ids, detections = run_inference(
         model, loader, device, amp, progress=progress and is_main_process()
     )
@@ -140,7 +133,9 @@ def evaluate_model(
         all_dets = [d for _, dets in gathered for d in dets]
         results = detections_to_coco_results(all_ids, all_dets, classes.category_ids)
         results = keep_known_categories(results, dataset, "evaluation")
-        metrics = evaluate_coco(dataset.coco, results, backend=backend, image_ids=dataset.image_ids)
+        metrics = evaluate_coco(
+            dataset.coco, results, backend=cfg.eval.backend, image_ids=dataset.image_ids
+        )
         if output_dir is not None:
             write_evaluation(output_dir, results, metrics)
         if verbose:

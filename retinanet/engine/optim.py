@@ -5,11 +5,21 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..choices import check_choice
+
+if TYPE_CHECKING:  # the config's schema imports the choices below
+    from ..config import Config
+
+OptimizerName = Literal["sgd", "adamw"]
+# fused: one kernel for all parameters; foreach: a few multi-tensor kernels; for_loop: one
+# parameter at a time; auto: fused where the device has it, else foreach
+OptimizerImpl = Literal["auto", "fused", "foreach", "for_loop"]
+LrSchedule = Literal["step", "cosine"]
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -32,15 +42,15 @@ def parameter_groups(model: nn.Module, weight_decay: float, weight_decay_norm: f
     return groups
 
 
-def build_optimizer(
+def create_optimizer(
     model: nn.Module,
-    name: str,
+    name: OptimizerName,
     lr: float,
     weight_decay: float,
     weight_decay_norm: float = 0.0,
     momentum: float = 0.9,
     adam_betas: Sequence[float] = (0.9, 0.999),
-    implementation: str = "auto",
+    implementation: OptimizerImpl = "auto",
 ) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW over the trainable parameters (see `parameter_groups`).
 
@@ -48,15 +58,13 @@ def build_optimizer(
     to check for overflow), "foreach" (a few multi-tensor kernels), "for_loop" (one parameter
     at a time) or "auto": fused where this PyTorch has it for the parameters' device, else
     foreach. All give the same update up to float rounding."""
+    check_choice(name, OptimizerName, "optimizer")
+    check_choice(implementation, OptimizerImpl, "optimizer implementation")
     groups = parameter_groups(model, weight_decay, weight_decay_norm)
     if name == "sgd":
         optimizer_class, kwargs = torch.optim.SGD, {"lr": lr, "momentum": momentum}
-    elif name == "adamw":
-        optimizer_class, kwargs = torch.optim.AdamW, {"lr": lr, "betas": tuple(adam_betas)}
     else:
-        raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
-    if implementation not in ("auto", "fused", "foreach", "for_loop"):
-        raise ValueError(f"unknown optimizer implementation {implementation!r}")
+        optimizer_class, kwargs = torch.optim.AdamW, {"lr": lr, "betas": tuple(adam_betas)}
     if implementation in ("auto", "fused"):
         try:
             return optimizer_class(groups, **kwargs, fused=True)
@@ -68,11 +76,12 @@ def build_optimizer(
     return optimizer_class(groups, **kwargs, foreach=implementation != "for_loop")
 
 
-def optimizer_from_config(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer the train.* keys describe, at the linearly scaled learning rate
     train.base_lr * train.batch_size / train.reference_batch_size."""
+    train = cfg.train
     lr = train.base_lr * train.batch_size / train.reference_batch_size
-    return build_optimizer(
+    return create_optimizer(
         model,
         train.optimizer,
         lr,
@@ -107,7 +116,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def lr_factor(
     iteration: int,
     max_iter: int,
-    schedule: str = "step",
+    schedule: LrSchedule = "step",
     steps: Sequence[int] = (),
     decay: float = 0.1,
     warmup_iters: int = 0,
@@ -121,17 +130,17 @@ def lr_factor(
     elif schedule == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iter) / max_iter))
     else:
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'step' or 'cosine'")
+        check_choice(schedule, LrSchedule, "lr schedule")
     if iteration < warmup_iters:
         alpha = iteration / warmup_iters
         factor *= warmup_factor * (1 - alpha) + alpha
     return factor
 
 
-def build_lr_scheduler(
+def create_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     max_iter: int,
-    schedule: str,
+    schedule: LrSchedule,
     steps: Sequence[int],
     decay: float,
     warmup_iters: int,
@@ -141,4 +150,20 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda it: lr_factor(it, max_iter, schedule, steps, decay, warmup_iters, warmup_factor),
+    )
+
+
+def build_lr_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule the train.* keys describe, stepped once per iteration."""
+    t = cfg.train
+    return create_lr_scheduler(
+        optimizer,
+        t.max_iter,
+        t.lr_schedule,
+        t.lr_steps,
+        t.lr_decay,
+        t.warmup_iters,
+        t.warmup_factor,
     )

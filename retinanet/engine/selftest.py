@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
+from ..files import atomic_write_json
 from .benchmark import synthetic_training_step
 from .device import device_name, resolve_device
-from .files import atomic_write_json
 from .host_sync import HostSyncCounter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,10 +107,10 @@ def count_host_syncs(device: torch.device, options: SelfTestOptions) -> dict[str
     syncs per step after a warm-up step, and peak memory."""
     from ..config import load_config
     from .precision import resolve_amp
-    from .trainer import train_step
+    from .step import train_step
 
-    cfg = load_config(REPO / "configs" / "shapes.yaml", ["train.amp=auto"])
-    amp = resolve_amp(cfg.train.amp, device)
+    cfg = load_config(REPO / "configs" / "shapes.yaml", ["precision.amp=auto"])
+    amp = resolve_amp(cfg.precision.amp, device)
     parts, batch = synthetic_training_step(cfg, device, amp, batch_size=8 if options.quick else 16)
     train_step(parts, batch, progress=0.0)
     counted, driver_warnings = [], []
@@ -172,12 +172,12 @@ def ddp_worker(report_file: str, device_spec: str) -> None:
     from ..config import load_config
     from .distributed import init_distributed, shutdown_distributed
     from .precision import resolve_amp
-    from .trainer import ddp_model, train_step
+    from .step import ddp_model, train_step
 
     device = init_distributed(device_spec)
     try:
-        cfg = load_config(REPO / "configs" / "shapes.yaml", ["train.amp=auto"])
-        amp = resolve_amp(cfg.train.amp, device)
+        cfg = load_config(REPO / "configs" / "shapes.yaml", ["precision.amp=auto"])
+        amp = resolve_amp(cfg.precision.amp, device)
         parts, batch = synthetic_training_step(cfg, device, amp, batch_size=4)
         parts.forward_model = ddp_model(parts.model, device)
         losses = [float(train_step(parts, batch, progress=i / 5)[0]["loss"]) for i in range(5)]
@@ -199,7 +199,7 @@ def train_shapes(device: torch.device, options: SelfTestOptions) -> dict[str, An
     from .trainer import train
 
     output = options.output_dir / "shapes"
-    overrides = ["train.amp=auto", f"data.num_workers={min(8, os.cpu_count() or 1)}"]
+    overrides = ["precision.amp=auto", f"data.num_workers={min(8, os.cpu_count() or 1)}"]
     if options.quick:
         overrides += [
             f"data.synthetic.root={options.output_dir / 'shapes_quick_data'}",

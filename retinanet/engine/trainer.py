@@ -3,30 +3,27 @@ single process or DistributedDataParallel under torchrun, resumable exactly."""
 
 from __future__ import annotations
 
-import json
-import math
 import signal
 import time
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import torch
-from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, config_differences, config_to_yaml
-from ..data import build_train_loader
-from ..data.build import build_dataset, resolve_data_paths
+from ..data.build import build_dataset, build_train_loader, resolve_data_paths
+from ..data.classes import ClassInfo
+from ..data.coco import CocoDetection
 from ..data.collate import Batch, raise_on_bad_images
+from ..files import atomic_write_json, atomic_write_text
 from ..model.build import build_model
 from ..model.retinanet import RetinaNet
+from .best_model import BestModel
 from .checkpoint import (
+    BEST_CHECKPOINT,
     FINAL_CHECKPOINT,
-    ClassInfo,
     checkpoint_classes,
     checkpoint_config,
     find_last_checkpoint,
@@ -38,29 +35,36 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .device import configure_cudnn, device_name
+from .coco_metrics import CocoMetrics
+from .device import device_name
 from .distributed import (
     barrier,
     broadcast_from_main,
+    failures_shared,
     get_rank,
     get_world_size,
-    init_distributed,
     is_main_process,
     main_process_first,
     reduce_mean,
+    run_on_main,
 )
-from .evaluation import CocoMetrics
-from .files import atomic_write_text, json_safe
 from .inference import evaluate_model
-from .optim import build_lr_scheduler, load_optimizer_state, optimizer_from_config
-from .precision import autocast, grad_scaler, resolve_amp
+from .metrics_log import LogWindow, MetricsLog
+from .optim import build_lr_scheduler, build_optimizer, load_optimizer_state
+from .precision import grad_scaler
 from .signals import StopSignals, TrainingInterrupted
+from .step import (
+    NonFiniteLossError,
+    StepParts,
+    compile_network,
+    setup_device,
+    train_step,
+    wrap_distributed,
+)
 
-METRICS_FILE = "metrics.jsonl"
+BEST_METRICS_FILE = "best_metrics.json"
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because a loss term became NaN or infinite."""
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 
 @dataclass
@@ -70,162 +74,10 @@ class TrainResult:
     iterations: int
     metrics: CocoMetrics | None
     skipped_steps: int = 0
+    best: BestModel | None = None
 
 
-class MetricsLog:
-    """One JSON line per log step in metrics.jsonl, mirrored to TensorBoard (rank 0 only)."""
-
-    def __init__(self, output_dir: Path, start_iter: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = output_dir / METRICS_FILE
-        self.writer = None
-        if not enabled:
-            return
-        if self.path.exists():
-            # After a resume, lines written past the checkpoint belong to the interrupted run;
-            # a line cut short by the crash is dropped too.
-            kept = []
-            for number, line in enumerate(self.path.read_text().splitlines(), 1):
-                try:
-                    if json.loads(line).get("iteration", 0) <= start_iter:
-                        kept.append(line)
-                except (json.JSONDecodeError, AttributeError):
-                    warnings.warn(
-                        f"{self.path}:{number}: dropping an unreadable line", stacklevel=2
-                    )
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_iter + 1)
-
-    def write(self, iteration: int, values: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"iteration": iteration, **json_safe(dict(values))}) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key, value, iteration)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _agree_to_go_on(loss: Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """(is the loss finite on every process, has any process been asked to stop), with one
-    host sync per iteration: both counts travel in one number through one all_reduce. Every
-    process must take the same branch, or DDP's gradient all-reduce deadlocks. (A sum is
-    finite iff all its terms are.)"""
-    world = get_world_size()
-    # finite processes + (world + 1) * stopping processes
-    code = torch.isfinite(loss.detach()).to(torch.float64) + float((world + 1) * stop_requested)
-    if world > 1:
-        torch.distributed.all_reduce(code)
-    value = int(code.item())
-    return value % (world + 1) == world, value // (world + 1) > 0
-
-
-@dataclass
-class StepParts:
-    """What one training step touches. `model` is the RetinaNet itself, `forward_model` the
-    module that runs its forward (the model, or its DistributedDataParallel wrapper)."""
-
-    model: torch.nn.Module
-    forward_model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    amp: str
-    device: torch.device
-    scaler: torch.amp.GradScaler | None = None
-    clip_grad_norm: float = 0.0
-    # True once this process has been asked to stop (SIGTERM/SIGINT): see `StopSignals`
-    stop_requested: Callable[[], bool] = lambda: False
-
-
-class StepResult(NamedTuple):
-    """losses: the loss terms (on the device); taken: False when the loss was not finite on
-    some process and nothing was updated; stop: some process was asked to stop, and this is
-    the last step (all processes agree)."""
-
-    losses: dict[str, Tensor]
-    taken: bool
-    stop: bool = False
-
-
-def train_step(parts: StepParts, batch: Batch, progress: float) -> StepResult:
-    """Forward, loss, backward and optimizer step on a batch already on the device.
-
-    The check that the loss is finite everywhere (and whether to stop) is the step's only
-    wait for the device (see tests/engine/test_host_syncs.py); everything else is queued
-    asynchronously."""
-    # Gradients of the previous step are freed before the forward, not held through its peak.
-    parts.optimizer.zero_grad(set_to_none=True)
-    with autocast(parts.amp, parts.device):
-        outputs = parts.forward_model(batch.images, batch.image_sizes)
-    losses = parts.model.losses(outputs, batch.targets, progress=progress)
-    loss = losses["loss_cls"] + losses["loss_box"]
-    losses = {"loss": loss, **losses}
-    finite, stop = _agree_to_go_on(loss, parts.stop_requested())
-    if not finite:
-        return StepResult(losses, False, stop)
-    scaler = parts.scaler
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    if parts.clip_grad_norm > 0:
-        if scaler is not None:
-            scaler.unscale_(parts.optimizer)
-        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.clip_grad_norm)
-    if scaler is not None:
-        scaler.step(parts.optimizer)
-        scaler.update()
-    else:
-        parts.optimizer.step()
-    return StepResult(losses, True, stop)
-
-
-def setup_device(device: str, amp: str, cudnn_benchmark: bool) -> tuple[torch.device, str]:
-    """This process's device (joining the process group under torchrun) and the resolved
-    autocast choice ('', 'bf16' or 'fp16'); an impossible choice fails here, before any data
-    is read."""
-    torch_device = init_distributed(device)
-    amp = resolve_amp(amp, torch_device)
-    configure_cudnn(cudnn_benchmark)
-    return torch_device, amp
-
-
-def wrap_distributed(
-    model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = False
-) -> torch.nn.Module:
-    """`ddp_model(model, ...)` when there are several processes, else `model`."""
-    if get_world_size() == 1:
-        return model
-    return ddp_model(model, device, broadcast_buffers)
-
-
-def ddp_model(
-    model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = False
-) -> DistributedDataParallel:
-    """DistributedDataParallel around `model`. Gradients live in DDP's communication buckets
-    (gradient_as_bucket_view: no copy in and out of the buckets, less memory); buffers are not
-    broadcast before every forward unless asked (frozen BatchNorm's never change, and a
-    broadcast per step costs a collective)."""
-    return DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=broadcast_buffers,
-        gradient_as_bucket_view=True,
-    )
-
-
-def compile_network(model: RetinaNet, backend: str = "inductor") -> RetinaNet:
-    """torch.compile the backbone, FPN and head in place (parameter names unchanged, so
-    checkpoints are the same). The loss stays eager: it changes with the training progress
-    (gamma schedules) and would recompile. Image sizes that vary make the compiler switch to
-    dynamic shapes after the first new size instead of compiling one graph per size."""
-    for part in (model.backbone, model.fpn, model.head):
-        part.compile(backend=backend)
-    return model
-
-
+@failures_shared(clean_stops=(TrainingInterrupted,))
 def train(
     cfg: Config,
     output_dir: str | Path,
@@ -236,7 +88,9 @@ def train(
     evaluate: bool = True,
 ) -> TrainResult:
     """Train a RetinaNet as `cfg` says, writing checkpoints, metrics.jsonl, TensorBoard scalars,
-    config.yaml and (with `evaluate`) the final COCO evaluation into `output_dir`.
+    config.yaml and (with `evaluate`) the final COCO evaluation into `output_dir`. With
+    train.eval_period > 0 the best evaluated model is kept as model_best.pth (by
+    train.best_metric) and train.early_stop_patience can end the run early.
 
     resume: continue from the last checkpoint in `output_dir` (a fresh start if there is none).
         With several nodes the folder must be on a filesystem they share: rank 0 chooses the
@@ -244,292 +98,372 @@ def train(
     stop_at_iteration: stop after this many iterations as if interrupted (no final checkpoint,
         no evaluation): for time-boxed jobs and for testing resume.
     """
-    output_dir = Path(output_dir)
-    torch_device, amp = setup_device(device, cfg.train.amp, cfg.train.cudnn_benchmark)
-    if is_main_process() and progress:
-        print(
-            f"training on {torch_device} ({device_name(torch_device)}) in {amp or 'fp32'} "
-            f"(train.amp={cfg.train.amp or chr(39) * 2}), {get_world_size()} process(es)"
-        )
-    check_trainable(cfg)
-    world_size, rank = get_world_size(), get_rank()
-    if cfg.train.batch_size % world_size:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by "
-            f"the {world_size} processes"
-        )
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-    cfg = main_process_first(lambda: resolve_data_paths(cfg))
+    trainer = Trainer.set_up(cfg, Path(output_dir), resume, device, progress)
+    return trainer.run(stop_at_iteration, evaluate)
 
-    train_set = build_dataset(cfg, "train", training=True)
-    classes = ClassInfo(train_set.class_names, train_set.category_ids)
-    checkpoint_path, state = None, None
-    if resume:
-        # Rank 0 chooses (skipping a torn newest checkpoint); every process loads its choice.
+
+@dataclass
+class Trainer:
+    """A training run's state between set-up and the end: what is saved in checkpoints
+    (model, optimizer, scheduler, scaler, best model) and what is rebuilt (data, step parts)."""
+
+    cfg: Config
+    output_dir: Path
+    device: torch.device
+    amp: str
+    classes: ClassInfo
+    train_set: CocoDetection
+    model: RetinaNet
+    progress: bool
+    start_iter: int = 0
+    skipped_steps: int = 0
+    skipped_images: set[str] = field(default_factory=set)
+    stopped_early: bool = False
+    val_set: CocoDetection | None = None
+
+    def __post_init__(self) -> None:
+        train = self.cfg.train
+        self.best = BestModel(train.best_metric)  # replaced by the checkpoint's on resume
+        self.optimizer = build_optimizer(self.cfg, self.model)
+        self.scheduler = build_lr_scheduler(self.cfg, self.optimizer)
+        self.scaler = grad_scaler(self.amp, self.device)
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    @classmethod
+    def set_up(
+        cls, cfg: Config, output_dir: Path, resume: bool, device: str, progress: bool
+    ) -> Trainer:
+        """Device and precision, dataset, model (fresh, initialised or resumed), optimizer,
+        step parts and loader; an impossible choice fails before any data is read."""
+        torch_device, amp = setup_device(device, cfg.precision.amp, cfg.train.cudnn_benchmark)
+        if is_main_process() and progress:
+            print(
+                f"training on {torch_device} ({device_name(torch_device)}) in {amp or 'fp32'} "
+                f"(precision.amp={cfg.precision.amp or 'null'}), {get_world_size()} process(es)"
+            )
+        check_trainable(cfg)
+        if cfg.train.batch_size % get_world_size():
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                f"the {get_world_size()} processes"
+            )
         if is_main_process():
-            checkpoint_path, state = load_resume_checkpoint(output_dir)
-        checkpoint_path = broadcast_from_main(checkpoint_path)
-        if checkpoint_path is not None and not is_main_process():
-            if not Path(checkpoint_path).is_file():
-                raise FileNotFoundError(
-                    f"process {rank} cannot read {checkpoint_path}: resuming needs --output-dir "
-                    "on a filesystem shared by all nodes"
-                )
-            state = load_checkpoint(checkpoint_path)
+            output_dir.mkdir(parents=True, exist_ok=True)
+        cfg = main_process_first(lambda: resolve_data_paths(cfg))
+        train_set = build_dataset(cfg, "train", training=True)
+        classes = ClassInfo(train_set.class_names, train_set.category_ids)
+        checkpoint_path, state = read_resume_state(output_dir) if resume else (None, None)
+        torch.manual_seed(cfg.train.seed)
+        model = build_training_model(cfg, classes, fresh=state is None)
+        model.to(torch_device)
+        if cfg.precision.channels_last:
+            model.use_channels_last()
+        trainer = cls(cfg, output_dir, torch_device, amp, classes, train_set, model, progress)
+        if state is not None:
+            trainer.restore(state, checkpoint_path)
+        trainer.prepare_to_run()
+        return trainer
 
-    torch.manual_seed(cfg.train.seed)
-    init_weights = cfg.train.init_weights if state is None else ""
-    model = build_model(
-        cfg, classes.num_classes, load_backbone_weights=state is None and not init_weights
-    )
-    if init_weights:
-        loaded_classes = load_initial_weights(model, init_weights, classes)
-        if is_main_process():
-            detail = "" if loaded_classes else " (other classes: new class output layer)"
-            print(f"initialised from {init_weights}{detail}")
-    model.to(torch_device)
-    if cfg.train.channels_last:
-        model.use_channels_last()
-    optimizer = optimizer_from_config(cfg.train, model)
-    scheduler = build_lr_scheduler(
-        optimizer,
-        cfg.train.max_iter,
-        cfg.train.lr_schedule,
-        cfg.train.lr_steps,
-        cfg.train.lr_decay,
-        cfg.train.warmup_iters,
-        cfg.train.warmup_factor,
-    )
-    scaler = grad_scaler(amp, torch_device)
-
-    start_iter = 0
-    if state is not None:
-        if checkpoint_classes(state) != classes:
+    def restore(self, state: dict[str, Any], checkpoint_path: Path) -> None:
+        """Continue from a checkpoint of this run: weights, optimizer, schedule, scaler, RNG,
+        iteration and the best model so far."""
+        if checkpoint_classes(state) != self.classes:
             raise ValueError(
                 f"{checkpoint_path} was trained on classes {checkpoint_classes(state).names}, but "
-                f"{cfg.data.train.annotation_file} defines {classes.names}"
+                f"{self.cfg.data.train.annotation_file} defines {self.classes.names}"
             )
-        changed = config_differences(checkpoint_config(state), cfg)
+        changed = config_differences(checkpoint_config(state), self.cfg)
         if changed and is_main_process():
             print(
                 f"warning: resuming with a config that differs from the checkpoint's in {changed}"
             )
-        load_model_weights(model, state, checkpoint_path)
-        load_optimizer_state(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        load_model_weights(self.model, state, checkpoint_path)
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        start_iter = int(state["iteration"])
+        if "best" in state:
+            self.best = BestModel.from_dict(state["best"])
+            self.best.metric = self.cfg.train.best_metric
+        self.start_iter = int(state["iteration"])
         if is_main_process():
-            print(f"resuming from {checkpoint_path} at iteration {start_iter}")
-        del state
+            print(f"resuming from {checkpoint_path} at iteration {self.start_iter}")
 
-    if is_main_process():
-        atomic_write_text(output_dir / "config.yaml", config_to_yaml(cfg))
-    if cfg.train.compile:
-        compile_network(model)
-    step_parts = StepParts(
-        model,
-        wrap_distributed(model, torch_device, cfg.train.ddp_broadcast_buffers),
-        optimizer,
-        amp,
-        torch_device,
-        scaler,
-        cfg.train.clip_grad_norm,
-    )
-    loader = build_train_loader(
-        train_set,
-        batch_size=cfg.train.batch_size // world_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.train.seed,
-        start_iter=start_iter,
-        rank=rank,
-        world_size=world_size,
-        aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
-        size_divisibility=cfg.input.size_divisibility,
-        pin_memory=torch_device.type == "cuda",
-    )
-    log = MetricsLog(output_dir, start_iter, enabled=is_main_process())
-    val_set = None
+    def prepare_to_run(self) -> None:
+        """config.yaml, compilation, the step's parts, the loader from `start_iter` and the log."""
+        cfg, world_size = self.cfg, get_world_size()
+        if is_main_process():
+            atomic_write_text(self.output_dir / "config.yaml", config_to_yaml(cfg))
+        if cfg.train.compile:
+            compile_network(self.model)
+        self.step_parts = StepParts(
+            self.model,
+            wrap_distributed(self.model, self.device, cfg.train.ddp_broadcast_buffers),
+            self.optimizer,
+            self.amp,
+            self.device,
+            self.scaler,
+            cfg.train.clip_grad_norm,
+        )
+        self.loader = build_train_loader(
+            cfg, self.train_set, self.start_iter, get_rank(), world_size, self.device
+        )
+        self.log = MetricsLog(self.output_dir, self.start_iter, enabled=is_main_process())
 
-    def save(iteration: int, name: str | None = None, training_state: bool = True) -> Path | None:
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self, stop_at_iteration: int | None, evaluate: bool) -> TrainResult:
+        """Train from `start_iter` to train.max_iter (or `stop_at_iteration`, or an early
+        stop), then write the final checkpoint and evaluate."""
+        max_iter = self.cfg.train.max_iter
+        end_iter = max_iter if stop_at_iteration is None else min(max_iter, stop_at_iteration)
+        patience = self.cfg.train.early_stop_patience
+        # A run that stopped early and is resumed only redoes its end.
+        self.stopped_early = evaluate and self.best.exhausted(patience)
+        done = self.start_iter
+        bar = tqdm(
+            total=max_iter,
+            initial=self.start_iter,
+            disable=not (self.progress and is_main_process()),
+            dynamic_ncols=True,
+        )
+        try:
+            if not self.stopped_early:
+                self.model.train()
+                # Loader workers start before our signal handlers exist, so they keep the
+                # default SIGTERM, by which the training process ends them when it exits.
+                data_iter = iter(self.loader)
+                with StopSignals() as signals:
+                    self.step_parts.stop_requested = signals.requested
+                    done = self.loop(data_iter, end_iter, evaluate, signals, bar)
+        finally:
+            bar.close()
+        self.report_skipped_images()
+        if done < max_iter and not self.stopped_early:  # stopped on request: as if interrupted
+            self.log.close()
+            return TrainResult(self.output_dir, None, done, None, self.skipped_steps, self.best)
+        return self.finish(done, evaluate)
+
+    def loop(
+        self, data_iter: Any, end_iter: int, evaluate: bool, signals: StopSignals, bar: tqdm
+    ) -> int:
+        """Iterations start_iter..end_iter - 1; returns how many are done (fewer after an
+        early stop)."""
+        train = self.cfg.train
+        window = LogWindow()
+        done = self.start_iter
+        for iteration in range(self.start_iter, end_iter):
+            fetch_start = time.perf_counter()
+            batch = self.next_batch(data_iter, iteration, signals)
+            data_seconds = time.perf_counter() - fetch_start
+            losses, taken, stop = train_step(
+                self.step_parts, batch, progress=iteration / train.max_iter
+            )
+            if not taken:
+                self.on_nonfinite_loss(losses, iteration)
+            window.add(losses, taken, data_seconds)
+            self.scheduler.step()
+            bar.update(1)
+            done = iteration + 1
+            if done % train.log_period == 0 or done == end_iter:
+                self.write_log(done, window, bar)
+                window = LogWindow()
+            if evaluate and train.eval_period > 0 and done % train.eval_period == 0:
+                if done < train.max_iter:
+                    self.evaluate(done, final=False)
+                    self.stopped_early = self.best.exhausted(train.early_stop_patience)
+            if self.stopped_early:
+                return done
+            if done % train.checkpoint_period == 0 and done < train.max_iter:
+                self.save(done)
+            if stop and done < end_iter:
+                self.stop_after(done, signals)
+        return done
+
+    def next_batch(self, data_iter: Any, iteration: int, signals: StopSignals) -> Batch:
+        """The next batch on the device. A batch with an unreadable image stops the run (after
+        checkpointing the finished iterations) unless data.on_bad_image=skip replaced it."""
+        try:
+            batch = next(data_iter)
+        except Exception:
+            # A SIGTERM sent to the whole job also ends the loader's workers: stop as asked.
+            if not signals.requested():
+                raise
+            self.stop_after(iteration, signals)
+        if batch.bad_images:
+            # Saving waits for every process at a barrier, which the others (inside the step's
+            # collectives) never reach: with several processes the failure record tells them.
+            if get_world_size() == 1:
+                self.save_finished(iteration)
+            raise_on_bad_images(
+                batch,
+                f"stopped before iteration {iteration + 1} (last checkpoint: "
+                f"{find_last_checkpoint(self.output_dir) or 'none'}); fix or remove the file, or "
+                "set data.on_bad_image=skip, and run again with --resume",
+            )
+        self.skipped_images.update(batch.skipped_images)
+        return batch.to(self.device, non_blocking=True)
+
+    def on_nonfinite_loss(self, losses: dict[str, torch.Tensor], iteration: int) -> None:
+        """train.on_nonfinite=stop: raise, naming the loss terms; skip: count the step."""
+        if self.cfg.train.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        bad = [k for k, v in losses.items() if k.startswith("loss_") and not torch.isfinite(v)]
+        last = find_last_checkpoint(self.output_dir) if is_main_process() else None
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(bad) or 'loss on another process'} at iteration "
+            f"{iteration + 1} (values: {values}); "
+            f"nothing was saved for this iteration; last checkpoint: {last or 'none'}. "
+            "Lower train.base_lr, enable train.clip_grad_norm, or set "
+            "train.on_nonfinite=skip to skip such steps."
+        )
+
+    def write_log(self, done: int, window: LogWindow, bar: tqdm) -> None:
+        values = window.values(reduce_mean)
+        values.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            eta_seconds=values["time"] * (self.cfg.train.max_iter - done),
+        )
+        if self.device.type == "cuda":
+            values["max_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.skipped_steps:
+            values["skipped_steps"] = self.skipped_steps
+        if self.skipped_images:
+            values["skipped_images"] = len(self.skipped_images)
+        self.log.write(done, values)
+        if "loss" in values:
+            bar.set_postfix(
+                loss=f"{values['loss']:.3f}",
+                cls=f"{values['loss_cls']:.3f}",
+                box=f"{values['loss_box']:.3f}",
+                lr=f"{values['lr']:.2e}",
+            )
+
+    # -- saving, evaluating, stopping ------------------------------------------------------
+
+    def save(
+        self, iteration: int, name: str | None = None, training_state: bool = True
+    ) -> Path | None:
+        """A checkpoint (rank 0 writes, all wait); with `training_state` a resumable one that
+        `last_checkpoint` names, else weights only (the final and best models)."""
         path = None
         if is_main_process():
+            keep = training_state
             path = save_checkpoint(
-                output_dir / (name or f"model_{iteration:07d}.pth"),
-                model,
-                cfg,
-                classes,
+                self.output_dir / (name or f"model_{iteration:07d}.pth"),
+                self.model,
+                self.cfg,
+                self.classes,
                 iteration,
-                optimizer if training_state else None,
-                scheduler if training_state else None,
-                scaler if training_state else None,
+                self.optimizer if keep else None,
+                self.scheduler if keep else None,
+                self.scaler if keep else None,
+                extra={"best": self.best.to_dict()} if keep else None,
             )
             if training_state:
-                mark_last_checkpoint(output_dir, path)
-                remove_old_checkpoints(output_dir, cfg.train.keep_checkpoints)
+                mark_last_checkpoint(self.output_dir, path)
+                remove_old_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
         barrier()
         return path
 
-    def run_evaluation(iteration: int, final: bool) -> CocoMetrics:
-        nonlocal val_set
-        if val_set is None:
-            val_set = build_dataset(cfg, "val", training=False)
-        metrics = evaluate_model(
-            model,
-            val_set,
-            classes,
-            torch_device,
-            output_dir=output_dir / ("eval" if final else f"eval_{iteration:07d}"),
-            batch_size=cfg.eval.batch_size,
-            num_workers=cfg.data.num_workers,
-            size_divisibility=cfg.input.size_divisibility,
-            backend=cfg.eval.backend,
-            amp=amp,
-            verbose=final,
-        )
-        log.write(iteration, {f"eval/{k}": v for k, v in metrics.summary_numbers().items()})
-        return metrics
-
-    max_iter = cfg.train.max_iter
-    end_iter = max_iter if stop_at_iteration is None else min(max_iter, stop_at_iteration)
-    bar = tqdm(
-        total=max_iter,
-        initial=start_iter,
-        disable=not (progress and is_main_process()),
-        dynamic_ncols=True,
-    )
-    model.train()
-    data_iter = iter(loader)
-    skipped_images: set[str] = set()
-    signals = StopSignals().__enter__()
-
-    def save_finished(done: int) -> None:
+    def save_finished(self, done: int) -> None:
         """Checkpoint `done` finished iterations before stopping early, unless the periodic
         checkpoint (or the one resumed from) already holds them."""
-        if done > start_iter and done % cfg.train.checkpoint_period:
-            save(done)
+        if done > self.start_iter and done % self.cfg.train.checkpoint_period:
+            self.save(done)
 
-    def stop_after(done: int) -> None:
+    def stop_after(self, done: int, signals: StopSignals) -> None:
         """Checkpoint `done` finished iterations and stop on the signal received."""
-        save_finished(done)
-        last = find_last_checkpoint(output_dir) if is_main_process() else "a checkpoint"
+        self.save_finished(done)
+        last = find_last_checkpoint(self.output_dir) if is_main_process() else "a checkpoint"
         raise TrainingInterrupted(
             f"stopped by {signals.name} after iteration {done}; last checkpoint: {last or 'none'}; "
             "run again with --resume to continue",
             signals.received or signal.SIGTERM,
         )
 
-    step_parts.stop_requested = signals.requested
-    skipped = 0
-    # Loss terms summed on the device over the logging window (no host sync per iteration).
-    window_sums: dict[str, torch.Tensor] = {}
-    window_start, window_steps, window_iters, data_time = time.perf_counter(), 0, 0, 0.0
-    try:
-        for iteration in range(start_iter, end_iter):
-            fetch_start = time.perf_counter()
-            try:
-                batch = next(data_iter)
-            except Exception:
-                # A SIGTERM sent to the whole job also ends the loader's workers: stop as asked.
-                if not signals.requested():
-                    raise
-                stop_after(iteration)
-            if batch.bad_images:
-                save_finished(iteration)
-                raise_on_bad_images(
-                    batch,
-                    f"stopped before iteration {iteration + 1} (last checkpoint: "
-                    f"{find_last_checkpoint(output_dir) or 'none'}); fix or remove the file, or "
-                    "set data.on_bad_image=skip, and run again with --resume",
-                )
-            skipped_images.update(batch.skipped_images)
-            batch = batch.to(torch_device, non_blocking=True)
-            data_time += time.perf_counter() - fetch_start
+    def evaluate(self, iteration: int, final: bool) -> CocoMetrics:
+        """COCO evaluation on the val split into eval/ (final) or eval_<iteration>/, logged;
+        with train.eval_period > 0 a new best model is saved as model_best.pth."""
+        cfg = self.cfg
+        if self.val_set is None:
+            self.val_set = build_dataset(cfg, "val", training=False)
+        name = "eval" if final else f"eval_{iteration:07d}"
+        metrics = evaluate_model(
+            self.model,
+            self.val_set,
+            self.classes,
+            self.device,
+            cfg,
+            output_dir=self.output_dir / name,
+            verbose=final,
+        )
+        numbers = metrics.summary_numbers()
+        self.log.write(iteration, {f"eval/{k}": v for k, v in numbers.items()})
+        if cfg.train.eval_period > 0 and self.best.update(iteration, numbers):
+            self.save(iteration, BEST_CHECKPOINT, training_state=False)
+            if is_main_process():
+                best = {**self.best.to_dict(), "evaluation": name, "metrics": numbers}
+                atomic_write_json(self.output_dir / BEST_METRICS_FILE, best)
+        return metrics
 
-            losses, finite, stop = train_step(step_parts, batch, progress=iteration / max_iter)
-            if finite:
-                for name, value in losses.items():
-                    window_sums[name] = window_sums.get(name, 0) + value.detach()
-                window_iters += 1
-            elif cfg.train.on_nonfinite == "stop":
-                bad = [
-                    k for k, v in losses.items() if k.startswith("loss_") and not torch.isfinite(v)
-                ]
-                last = find_last_checkpoint(output_dir) if is_main_process() else None
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                raise NonFiniteLossError(
-                    f"non-finite {', '.join(bad) or 'loss on another process'} at iteration "
-                    f"{iteration + 1} (values: {values}); "
-                    f"nothing was saved for this iteration; last checkpoint: {last or 'none'}. "
-                    "Lower train.base_lr, enable train.clip_grad_norm, or set "
-                    "train.on_nonfinite=skip to skip such steps."
-                )
-            else:
-                skipped += 1
-            scheduler.step()
-            bar.update(1)
-            window_steps += 1
+    def finish(self, done: int, evaluate: bool) -> TrainResult:
+        """The last resumable checkpoint, model_final.pth and the final evaluation."""
+        if self.stopped_early and is_main_process():
+            print(
+                f"early stop after iteration {done}: {self.cfg.train.early_stop_patience} "
+                f"evaluations without a better {self.best.metric} than {self.best.value:.4f} "
+                f"(iteration {self.best.iteration})"
+            )
+        self.save(done)
+        final = self.save(done, FINAL_CHECKPOINT, training_state=False)
+        metrics = None
+        if evaluate:
+            metrics = self.evaluate(done, final=True)
+        self.log.close()
+        return TrainResult(self.output_dir, final, done, metrics, self.skipped_steps, self.best)
 
-            done = iteration + 1
-            if done % cfg.train.log_period == 0 or done == end_iter:
-                values = {}
-                if window_iters:
-                    values = reduce_mean({k: v / window_iters for k, v in window_sums.items()})
-                seconds_per_iter = (time.perf_counter() - window_start) / window_steps
-                values.update(
-                    lr=optimizer.param_groups[0]["lr"],
-                    time=seconds_per_iter,
-                    data_time=data_time / window_steps,
-                    eta_seconds=seconds_per_iter * (max_iter - done),
-                )
-                if torch_device.type == "cuda":
-                    values["max_memory_mib"] = torch.cuda.max_memory_allocated(torch_device) / 2**20
-                if skipped:
-                    values["skipped_steps"] = skipped
-                if skipped_images:
-                    values["skipped_images"] = len(skipped_images)
-                log.write(done, values)
-                if "loss" in values:
-                    bar.set_postfix(
-                        loss=f"{values['loss']:.3f}",
-                        cls=f"{values['loss_cls']:.3f}",
-                        box=f"{values['loss_box']:.3f}",
-                        lr=f"{values['lr']:.2e}",
-                    )
-                window_sums = {}
-                window_start, window_steps, window_iters, data_time = time.perf_counter(), 0, 0, 0.0
-            if done % cfg.train.checkpoint_period == 0 and done < max_iter:
-                save(done)
-            if (
-                evaluate
-                and cfg.train.eval_period > 0
-                and done % cfg.train.eval_period == 0
-                and done < max_iter
-            ):
-                run_evaluation(done, final=False)
-            if stop and done < end_iter:
-                stop_after(done)
-    finally:
-        bar.close()
-        signals.__exit__()
+    def report_skipped_images(self) -> None:
+        if self.skipped_images and is_main_process():
+            count = len(self.skipped_images)
+            print(f"skipped {count} unreadable training image(s) (data.on_bad_image=skip):")
+            for message in sorted(self.skipped_images):
+                print(f"  {message}")
 
-    if skipped_images and is_main_process():
-        count = len(skipped_images)
-        print(f"skipped {count} unreadable training image(s) (data.on_bad_image=skip):")
-        for message in sorted(skipped_images):
-            print(f"  {message}")
-    if end_iter < max_iter:  # stopped early on request: as if interrupted
-        log.close()
-        return TrainResult(output_dir, None, end_iter, None, skipped)
 
-    save(max_iter)
-    final = save(max_iter, FINAL_CHECKPOINT, training_state=False)
-    metrics = run_evaluation(max_iter, final=True) if evaluate else None
-    log.close()
-    return TrainResult(output_dir, final, max_iter, metrics, skipped)
+def read_resume_state(output_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its contents (None, None for a fresh start). Rank 0
+    chooses (skipping a torn newest checkpoint); every process loads its choice."""
+    # An error on rank 0 reaches every process (they would wait in the broadcast for it).
+    checkpoint_path, state = run_on_main(
+        lambda: load_resume_checkpoint(output_dir), default=(None, None)
+    )
+    checkpoint_path = broadcast_from_main(checkpoint_path)
+    if checkpoint_path is not None and not is_main_process():
+        if not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(
+                f"process {get_rank()} cannot read {checkpoint_path}: resuming needs --output-dir "
+                "on a filesystem shared by all nodes"
+            )
+        state = load_checkpoint(checkpoint_path)
+    return checkpoint_path, state
+
+
+def build_training_model(cfg: Config, classes: ClassInfo, fresh: bool) -> RetinaNet:
+    """The model to train: on a fresh start with ImageNet backbone weights or, with
+    train.init_weights, a whole detector's; a resumed model's weights come from its checkpoint."""
+    init_weights = cfg.train.init_weights if fresh else None
+    model = build_model(cfg, classes.num_classes, load_backbone_weights=fresh and not init_weights)
+    if init_weights:
+        loaded_classes = load_initial_weights(model, init_weights, classes)
+        if is_main_process():
+            detail = "" if loaded_classes else " (other classes: new class output layer)"
+            print(f"initialised from {init_weights}{detail}")
+    return model
 
 
 def check_trainable(cfg: Config) -> None:

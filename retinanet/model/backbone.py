@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import resnet as resnet_models
 
-from .norm import make_norm
+from ..choices import check_choice
+from .norm import NormKind, make_norm
 
-RESNET_DEPTHS = (18, 34, 50, 101, 152)
+ResNetDepth = Literal[18, 34, 50, 101, 152]
 
 
 def _imagenet_weights(depth: int):
@@ -64,8 +66,8 @@ class ResNetBackbone(nn.Module):
 
     def __init__(
         self,
-        depth: int = 50,
-        norm: str = "frozen_bn",
+        depth: ResNetDepth = 50,
+        norm: NormKind = "frozen_bn",
         norm_eps: float = 1e-5,
         freeze_at: int = 2,
         stride_in_1x1: bool = False,
@@ -73,8 +75,7 @@ class ResNetBackbone(nn.Module):
         blocks: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        if depth not in RESNET_DEPTHS:
-            raise ValueError(f"ResNet depth must be one of {RESNET_DEPTHS}, got {depth}")
+        check_choice(depth, ResNetDepth, "ResNet depth")
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}")
         if weights and norm == "gn":

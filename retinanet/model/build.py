@@ -9,7 +9,15 @@ from .box_coding import BoxCoder
 from .criterion import RetinaNetCriterion
 from .fpn import FeaturePyramid
 from .head import RetinaNetHead
-from .losses import ExponentialFactor, GammaSchedule, ModulatingFactor, PowerFactor
+from .losses import (
+    CosineFactor,
+    ExponentialFactor,
+    GammaSchedule,
+    GaussianFactor,
+    ModulatingFactor,
+    PowerFactor,
+    SampleDependentPowerFactor,
+)
 from .matcher import AnchorMatcher
 from .postprocess import DetectionPostprocessor
 from .retinanet import RetinaNet
@@ -19,6 +27,12 @@ def build_modulation(loss: LossConfig) -> ModulatingFactor | GammaSchedule:
     """The focal loss's modulating factor from loss.modulation / loss.gamma(_schedule)."""
     if loss.modulation == "exponential":
         return ExponentialFactor(loss.exponential_beta)
+    if loss.modulation == "cos":
+        return CosineFactor(loss.cos_scale)
+    if loss.modulation == "gaussian":
+        return GaussianFactor(loss.gaussian_s)
+    if loss.modulation == "flsd":
+        return SampleDependentPowerFactor()
     if loss.gamma_schedule:
         return GammaSchedule(
             loss.gamma_start, loss.gamma, loss.gamma_ramp_fraction, loss.gamma_schedule
@@ -71,6 +85,7 @@ def build_model(cfg: Config, num_classes: int, load_backbone_weights: bool = Tru
         box_coder,
         alpha=cfg.loss.alpha,
         modulation=build_modulation(cfg.loss),
+        label_smoothing=cfg.loss.label_smoothing,
         box_loss=cfg.loss.box_loss,
         smooth_l1_beta=cfg.loss.smooth_l1_beta,
         box_loss_weight=cfg.loss.box_loss_weight,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm import make_norm
+from ..choices import check_choice
+from .norm import NormKind, make_norm
+
+# Where P6 comes from: the backbone's C5 (the paper) or P5 (torchvision's v1 model).
+P6Source = Literal["c5", "p5"]
 
 
 def _conv(
-    in_channels: int, out_channels: int, kernel_size: int, stride: int, norm: str | None
+    in_channels: int, out_channels: int, kernel_size: int, stride: int, norm: NormKind | None
 ) -> nn.Sequential:
     conv = nn.Conv2d(
         in_channels,
@@ -44,12 +49,11 @@ class FeaturePyramid(nn.Module):
         self,
         in_channels: Sequence[int],
         out_channels: int = 256,
-        p6_source: str = "c5",
-        norm: str | None = None,
+        p6_source: P6Source = "c5",
+        norm: NormKind | None = None,
     ) -> None:
         super().__init__()
-        if p6_source not in ("c5", "p5"):
-            raise ValueError(f"p6_source must be 'c5' or 'p5', got {p6_source!r}")
+        check_choice(p6_source, P6Source, "p6_source")
         self.p6_source = p6_source
         self.lateral_convs = nn.ModuleList(_conv(c, out_channels, 1, 1, norm) for c in in_channels)
         self.output_convs = nn.ModuleList(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
-NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
+NormKind = Literal["frozen_bn", "bn", "sync_bn", "gn"]
 
 
 class FrozenBatchNorm2d(_TorchvisionFrozenBatchNorm2d):
@@ -40,7 +42,7 @@ class GroupNorm(nn.GroupNorm):
         return y
 
 
-def make_norm(name: str, channels: int, eps: float = 1e-5, gn_groups: int = 32) -> nn.Module:
+def make_norm(name: NormKind, channels: int, eps: float = 1e-5, gn_groups: int = 32) -> nn.Module:
     """A normalisation layer over `channels` feature channels.
 
     frozen_bn: BatchNorm with fixed statistics and affine parameters (fine-tuning from ImageNet
@@ -59,4 +61,4 @@ def make_norm(name: str, channels: int, eps: float = 1e-5, gn_groups: int = 32) 
         while channels % groups:
             groups -= 1
         return GroupNorm(groups, channels, eps=eps)
-    raise ValueError(f"unknown norm {name!r}; expected one of {', '.join(NORMS)}")
+    raise ValueError(f"unknown norm {name!r}; expected one of {get_args(NormKind)}")

@@ -9,7 +9,8 @@ import torch
 
 from retinanet.config import load_config
 from retinanet.data.build import build_dataset, resolve_data_paths
-from retinanet.engine.checkpoint import ClassInfo, save_checkpoint
+from retinanet.data.classes import ClassInfo
+from retinanet.engine.checkpoint import save_checkpoint
 from retinanet.model.build import build_model
 
 REPO = Path(__file__).resolve().parents[2]

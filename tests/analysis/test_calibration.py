@@ -19,7 +19,7 @@ from retinanet.analysis.calibration import (
     scores_to_logits,
     split_image_ids,
 )
-from retinanet.engine.evaluation import SUMMARY_NAMES, evaluate_coco
+from retinanet.engine.coco_metrics import SUMMARY_NAMES, evaluate_coco
 
 GT_BOX = [0.0, 0.0, 10.0, 10.0]
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,10 @@ from retinanet.analysis.calibration_study import (
     model_name,
 )
 from retinanet.cli import main as cli
-from retinanet.data import build_test_loader
+from retinanet.data import create_test_loader
 from retinanet.data.build import build_dataset, resolve_data_paths
 from retinanet.engine.checkpoint import load_checkpoint, load_trained_model
-from retinanet.engine.evaluation import detections_to_coco_results, evaluate_coco
+from retinanet.engine.coco_metrics import detections_to_coco_results, evaluate_coco
 from retinanet.engine.inference import run_inference
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,9 +46,9 @@ def test_candidates_include_the_detections_in_original_pixels(tiny_checkpoint):
     overrides = ["input.test_min_size=96", "input.test_max_size=96"]
     model, cfg, _ = load_trained_model(tiny_checkpoint, overrides=overrides)
     dataset = build_dataset(resolve_data_paths(cfg), "val", training=False)
-    predictions = collect_predictions(model, dataset, CPU, batch_size=4, size_divisibility=32)
+    loader = create_test_loader(dataset, batch_size=4, size_divisibility=32)
+    predictions = collect_predictions(model, loader, CPU)
 
-    loader = build_test_loader(dataset, batch_size=4, size_divisibility=32)
     image_ids, reference = run_inference(model, loader, CPU)
     assert predictions.image_ids == image_ids == dataset.image_ids
     total = 0
@@ -69,7 +70,7 @@ def test_candidates_include_the_detections_in_original_pixels(tiny_checkpoint):
 
 
 def _engine_detections(model, dataset):
-    loader = build_test_loader(dataset, batch_size=8, size_divisibility=32)
+    loader = create_test_loader(dataset, batch_size=8, size_divisibility=32)
     return run_inference(model, loader, CPU)
 
 
@@ -119,6 +120,13 @@ def test_tool_reports_calibration_of_each_checkpoint(tiny_checkpoint, tmp_path, 
     assert [float(r["gamma"]) for r in rows] == [2.0, 0.0]
     markdown = (out / "calibration.md").read_text()
     assert all(f"| {name} |" in markdown for name in names)
+    # Same weights (only the stored gamma differs): the same anchor entropies, in (0, ln 2].
+    entropies = [json.loads((out / n / "calibration.json").read_text())["entropy"] for n in names]
+    assert entropies[0] == entropies[1]
+    assert entropies[0]["num_foreground"] > 0 and entropies[0]["num_background"] > 0
+    assert 0 < entropies[0]["foreground"] <= math.log(2) and 0 < entropies[0]["background"]
+    assert float(rows[0]["entropy_background"]) == pytest.approx(entropies[0]["background"])
+    assert (out / "entropy.png").stat().st_size > 0
 
     model, cfg, _ = load_trained_model(checkpoints[0], overrides=KEEP_ALL)
     dataset = build_dataset(resolve_data_paths(cfg), "val", training=False)
@@ -182,7 +190,7 @@ def test_tool_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
     assert "would both be named" in err and str(copy) in err
 
     assert (
-        cli(["calibrate", "--weights", str(tiny_checkpoint), "train.amp=", "--output-dir", out])
+        cli(["calibrate", "--weights", str(tiny_checkpoint), "precision.amp=", "--output-dir", out])
         == 1
     )
     assert "put key=value overrides before --weights" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from torchvision.ops import box_iou
 
 from retinanet.analysis.loss_study import (
@@ -16,7 +17,7 @@ from retinanet.analysis.loss_study import (
     sample_image_indices,
 )
 from retinanet.cli import main as cli
-from retinanet.data import collate_detection
+from retinanet.data import collate_detection, create_test_loader
 from retinanet.data.build import build_dataset, resolve_data_paths
 from retinanet.engine.checkpoint import load_trained_model
 
@@ -161,16 +162,8 @@ def test_tool_writes_curves_of_the_matched_anchors_of_the_sampled_image(
 def test_binary_view_counts_every_negative_class_pair(tiny_checkpoint):
     model, cfg, _ = load_trained_model(tiny_checkpoint, overrides=PAPER_MATCHER)
     dataset = build_dataset(resolve_data_paths(cfg), "val", training=False)
-    study = collect_loss_distribution(
-        model,
-        dataset,
-        [0, 1],
-        torch.device("cpu"),
-        gammas=[0.0],
-        view="binary",
-        batch_size=2,
-        size_divisibility=32,
-    )
+    loader = create_test_loader(Subset(dataset, [0, 1]), batch_size=2, size_divisibility=32)
+    study = collect_loss_distribution(model, loader, torch.device("cpu"), [0.0], "binary")
     per_image = [_one_image(model, dataset, i) for i in (0, 1)]
     logits = torch.cat([image_logits for image_logits, _ in per_image]).double()
     labels = torch.cat([image_labels for _, image_labels in per_image])
@@ -197,13 +190,14 @@ def test_binary_view_counts_every_negative_class_pair(tiny_checkpoint):
 def test_background_anchors_in_batch_padding_are_left_out(tiny_checkpoint):
     model, cfg, _ = load_trained_model(tiny_checkpoint, overrides=PAPER_MATCHER)
     dataset = build_dataset(resolve_data_paths(cfg), "val", training=False)
-    tight = collect_loss_distribution(
-        model, dataset, [0], torch.device("cpu"), gammas=[2.0], size_divisibility=32
-    )
+
+    def study(size_divisibility):
+        loader = create_test_loader(Subset(dataset, [0]), size_divisibility=size_divisibility)
+        return collect_loss_distribution(model, loader, torch.device("cpu"), gammas=[2.0])
+
+    tight = study(32)
     # Padding the 64-pixel image to 128 adds anchors in the padding, all of them background.
-    padded = collect_loss_distribution(
-        model, dataset, [0], torch.device("cpu"), gammas=[2.0], size_divisibility=128
-    )
+    padded = study(128)
     assert tight.anchors.padding == 0 and padded.anchors.padding > 0
     assert padded.anchors.foreground == tight.anchors.foreground
     assert padded.anchors.background == tight.anchors.background

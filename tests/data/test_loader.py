@@ -6,7 +6,7 @@ import torch
 
 from retinanet.data.coco import CocoDetection, DatasetError
 from retinanet.data.collate import raise_on_bad_images
-from retinanet.data.loader import build_test_loader, build_train_loader
+from retinanet.data.loader import create_test_loader, create_train_loader
 from retinanet.data.transforms import DetectionTransform
 
 # portrait and landscape images, one box each
@@ -39,7 +39,7 @@ def _same(a, b):
 
 def test_train_loader_resumes_exactly_and_groups_orientations(dataset):
     def loader(start_iter):
-        return build_train_loader(
+        return create_train_loader(
             dataset,
             batch_size=2,
             num_workers=0,
@@ -61,7 +61,7 @@ def test_train_loader_resumes_exactly_and_groups_orientations(dataset):
 
 def test_worker_gives_the_same_batches_as_the_main_process(dataset):
     def batches(num_workers):
-        loader = build_train_loader(
+        loader = create_train_loader(
             dataset,
             batch_size=3,
             num_workers=num_workers,
@@ -88,7 +88,7 @@ def test_corrupt_image_crosses_the_worker_boundary_as_one_clean_line(write_coco)
     dataset = CocoDetection(image_dir, annotation_file)
     with pytest.raises(DatasetError, match=r"garbage\.jpg \(image id 2\)"):
         dataset[1]  # read directly, the error is raised
-    loader = build_test_loader(dataset, batch_size=2, num_workers=1)
+    loader = create_test_loader(dataset, batch_size=2, num_workers=1)
     batches = list(loader)
     assert batches[0].bad_images and not batches[1].bad_images
     with pytest.raises(DatasetError) as caught:
@@ -104,7 +104,7 @@ def test_skip_replaces_a_corrupt_image_deterministically(write_coco):
     item = dataset[1]  # garbage.jpg: replaced by the next image in index order
     assert item["image_id"] == 3 and "garbage.jpg" in item["skipped_images"][0]
     assert dataset[1]["image_id"] == 3
-    loader = build_test_loader(dataset, batch_size=3, num_workers=1)
+    loader = create_test_loader(dataset, batch_size=3, num_workers=1)
     (batch,) = list(loader)
     assert batch.image_ids == [1, 3, 3] and len(batch.skipped_images) == 1
 
@@ -112,7 +112,7 @@ def test_skip_replaces_a_corrupt_image_deterministically(write_coco):
 def test_test_loader_sees_every_image_once_across_ranks(dataset):
     seen = []
     for rank in range(2):
-        loader = build_test_loader(dataset, batch_size=2, rank=rank, world_size=2)
+        loader = create_test_loader(dataset, batch_size=2, rank=rank, world_size=2)
         for batch in loader:
             seen += batch.image_ids
             # deterministic transform: short side = the largest min_size

@@ -33,8 +33,8 @@ def tiny_overrides(root: Path) -> list[str]:
         "train.warmup_iters=2",
         "train.log_period=1",
         "train.checkpoint_period=3",
-        "train.amp=",
-        "train.channels_last=false",
+        "precision.amp=",
+        "precision.channels_last=false",
     ]
 
 

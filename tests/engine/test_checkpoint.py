@@ -4,8 +4,8 @@ import stat
 import pytest
 import torch
 
+from retinanet import files
 from retinanet.config import load_config
-from retinanet.engine import files
 from retinanet.engine.checkpoint import (
     CLASS_OUTPUT_KEYS,
     ClassInfo,

@@ -11,7 +11,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet.engine.evaluation import (
+from retinanet.engine.coco_metrics import (
     METRICS_FILENAME,
     RESULTS_FILENAME,
     SUMMARY_NAMES,

@@ -7,7 +7,7 @@ backend (the same graph capture, no code generation), and inductor itself compil
 import torch
 from torch._dynamo.utils import counters
 
-from retinanet.engine.trainer import compile_network, train_step
+from retinanet.engine.step import compile_network, train_step
 
 from .test_host_syncs import make_batch, step_parts
 

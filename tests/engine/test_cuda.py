@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from retinanet.engine.device import resolve_device
-from retinanet.engine.optim import build_optimizer, optimizer_implementation
+from retinanet.engine.optim import create_optimizer, optimizer_implementation
 from retinanet.engine.precision import grad_scaler
-from retinanet.engine.trainer import train_step
+from retinanet.engine.step import train_step
 from retinanet.model.losses import dense_focal_loss, sigmoid_focal_loss
 from retinanet.model.norm import FrozenBatchNorm2d, GroupNorm
 
@@ -26,16 +26,17 @@ def cuda_parts(overrides):
     parts = step_parts(overrides)
     device = resolve_device("cuda")
     parts.model.to(device)
-    if "train.channels_last=true" in overrides:
+    if "precision.channels_last=true" in overrides:
         parts.model.use_channels_last()
-    parts.optimizer = build_optimizer(parts.model, "adamw", 1e-3, 0.05)  # auto: fused
+    parts.optimizer = create_optimizer(parts.model, "adamw", 1e-3, 0.05)  # auto: fused
     parts.device = device
     parts.scaler = grad_scaler(parts.amp, device)
     return parts, make_batch().to(device)
 
 
 @pytest.mark.parametrize(
-    "overrides", [[], ["train.amp=auto", "train.channels_last=true"], ["loss.box_loss=giou"]]
+    "overrides",
+    [[], ["precision.amp=auto", "precision.channels_last=true"], ["loss.box_loss=giou"]],
 )
 def test_training_step_syncs_at_most_once_by_the_driver(overrides):
     parts, batch = cuda_parts(overrides)
@@ -53,7 +54,7 @@ def test_training_step_syncs_at_most_once_by_the_driver(overrides):
 
 
 def test_fp16_with_grad_scaler_and_fused_optimizer():
-    parts, batch = cuda_parts(["train.amp=fp16"])
+    parts, batch = cuda_parts(["precision.amp=fp16"])
     assert parts.scaler is not None and optimizer_implementation(parts.optimizer) == "fused"
     for i in range(3):
         torch.cuda.set_sync_debug_mode("warn")

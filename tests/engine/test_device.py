@@ -4,11 +4,11 @@ the `fake_cuda` fixture): the set-up a GPU user's run goes through, up to the fi
 import pytest
 import torch
 
-from retinanet.engine import trainer as trainer_module
+from retinanet.engine import step as step_module
 from retinanet.engine.device import resolve_device
 from retinanet.engine.distributed import init_distributed
 from retinanet.engine.precision import grad_scaler, resolve_amp
-from retinanet.engine.trainer import setup_device, wrap_distributed
+from retinanet.engine.step import setup_device, wrap_distributed
 
 
 def torchrun_env(monkeypatch, local_rank: int, world_size: int = 2) -> None:
@@ -110,7 +110,7 @@ def test_training_setup_on_a_gpu(fake_cuda):
         assert device == torch.device("cuda", 0) and amp == "fp16"
         assert torch.backends.cudnn.benchmark is True
         device, amp = setup_device("auto", "", cudnn_benchmark=False)
-        assert amp == "" and torch.backends.cudnn.benchmark is False
+        assert amp is None and torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = previous
 
@@ -122,8 +122,8 @@ def test_ddp_wrapper_arguments(fake_cuda, monkeypatch):
         def __init__(self, module, **kwargs):
             recorded.update(kwargs)
 
-    monkeypatch.setattr(trainer_module, "DistributedDataParallel", RecordingDDP)
-    monkeypatch.setattr(trainer_module, "get_world_size", lambda: 2)
+    monkeypatch.setattr(step_module, "DistributedDataParallel", RecordingDDP)
+    monkeypatch.setattr(step_module, "get_world_size", lambda: 2)
     model = torch.nn.Linear(2, 2)
     wrap_distributed(model, torch.device("cuda", 1))
     assert recorded == {
@@ -133,7 +133,7 @@ def test_ddp_wrapper_arguments(fake_cuda, monkeypatch):
     }
     wrap_distributed(model, torch.device("cpu"), broadcast_buffers=True)
     assert recorded["device_ids"] is None and recorded["broadcast_buffers"] is True
-    monkeypatch.setattr(trainer_module, "get_world_size", lambda: 1)
+    monkeypatch.setattr(step_module, "get_world_size", lambda: 1)
     assert wrap_distributed(model, torch.device("cpu")) is model
 
 
@@ -158,7 +158,7 @@ def test_train_with_device_cuda_gets_to_the_gpu(fake_cuda, monkeypatch, tiny_con
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
     fake_cuda.capability = (7, 5)  # a T4: fp16 with loss scaling
-    tiny_config.train.amp = "auto"
+    tiny_config.precision.amp = "auto"
     previous = torch.backends.cudnn.benchmark
     try:
         with pytest.raises(_ReachedTheGpu):

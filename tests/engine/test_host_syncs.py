@@ -7,8 +7,8 @@ import torch
 from retinanet.config import load_config
 from retinanet.data.collate import Batch
 from retinanet.engine.host_sync import HostSyncCounter
-from retinanet.engine.optim import optimizer_from_config
-from retinanet.engine.trainer import StepParts, train_step
+from retinanet.engine.optim import build_optimizer
+from retinanet.engine.step import StepParts, train_step
 from retinanet.model.build import build_model
 
 from .conftest import REPO
@@ -44,25 +44,27 @@ def step_parts(overrides: list[str]) -> StepParts:
             "model.fpn.channels=32",
             "model.anchors.sizes=[8,16,32,64,128]",
             "model.head.num_convs=1",
-            "train.amp=",
-            "train.channels_last=false",
+            "precision.amp=",
+            "precision.channels_last=false",
             *overrides,
         ],
     )
     model = build_model(cfg, num_classes=3)
-    if cfg.train.channels_last:
+    if cfg.precision.channels_last:
         model.use_channels_last()
     t = cfg.train
-    optimizer = optimizer_from_config(t, model)  # lr 1e-3: the recipe's, at its batch size
+    optimizer = build_optimizer(cfg, model)  # lr 1e-3: the recipe's, at its batch size
     model.train()
-    return StepParts(model, model, optimizer, t.amp, torch.device("cpu"), None, t.clip_grad_norm)
+    return StepParts(
+        model, model, optimizer, cfg.precision.amp, torch.device("cpu"), None, t.clip_grad_norm
+    )
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
         [],  # the shapes recipe: AdamW (fused), GroupNorm, BN backbone
-        ["train.amp=bf16", "train.channels_last=true"],
+        ["precision.amp=bf16", "precision.channels_last=true"],
         ["train.optimizer=sgd", "loss.normalizer=ema", "train.clip_grad_norm=1.0"],
         ["loss.box_loss=giou", "loss.gamma_schedule=cosine"],
         ["loss.modulation=exponential", "loss.alpha=null", "model.fpn.norm="],

@@ -33,8 +33,8 @@ TRAINING = [
     "train.warmup_iters=50",
     "train.log_period=100",
     "train.checkpoint_period=100000",
-    "train.amp=",
-    "train.channels_last=false",
+    "precision.amp=",
+    "precision.channels_last=false",
 ]
 
 
@@ -75,17 +75,7 @@ def test_model_learns_shapes(tmp_path, dataset_overrides):
     # The evaluation path used by tools/eval.py, on the saved checkpoint, gives the same numbers.
     model, saved_cfg, classes = load_trained_model(result.final_checkpoint)
     dataset = build_dataset(saved_cfg, "val", training=False)
-    again = evaluate_model(
-        model,
-        dataset,
-        classes,
-        "cpu",
-        batch_size=saved_cfg.eval.batch_size,
-        num_workers=0,
-        # The padding is part of what the network sees: it must be the trainer's.
-        size_divisibility=saved_cfg.input.size_divisibility,
-        verbose=False,
-    )
+    again = evaluate_model(model, dataset, classes, "cpu", saved_cfg, verbose=False)
     assert again.AP == pytest.approx(result.metrics.AP, abs=1e-9)
 
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from retinanet.engine.optim import (
-    build_lr_scheduler,
-    build_optimizer,
+    create_lr_scheduler,
+    create_optimizer,
     load_optimizer_state,
     lr_factor,
     optimizer_implementation,
@@ -41,8 +41,8 @@ def test_cosine_schedule():
 
 def test_scheduler_drives_optimizer_lr():
     model = nn.Linear(2, 2)
-    opt = build_optimizer(model, "sgd", 0.01, 1e-4)
-    sched = build_lr_scheduler(opt, 10, "step", [5], 0.1, 2, 0.5)
+    opt = create_optimizer(model, "sgd", 0.01, 1e-4)
+    sched = create_lr_scheduler(opt, 10, "step", [5], 0.1, 2, 0.5)
     lrs = []
     for _ in range(8):
         lrs.append(opt.param_groups[0]["lr"])
@@ -64,13 +64,13 @@ def test_no_weight_decay_on_norm_layers_and_frozen_params_excluded():
 
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="'lamb'"):
-        build_optimizer(nn.Linear(1, 1), "lamb", 0.1, 0.0)
+        create_optimizer(nn.Linear(1, 1), "lamb", 0.1, 0.0)
     with pytest.raises(ValueError, match="'poly'"):
         lr_factor(0, 10, "poly")
 
 
 def test_adamw_betas():
-    opt = build_optimizer(nn.Linear(1, 1), "adamw", 1e-3, 0.05, adam_betas=(0.8, 0.9))
+    opt = create_optimizer(nn.Linear(1, 1), "adamw", 1e-3, 0.05, adam_betas=(0.8, 0.9))
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.9)
 
 
@@ -82,7 +82,7 @@ def test_optimizer_implementations_give_the_same_updates(name):
     for implementation in ("fused", "foreach", "for_loop"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1))
-        opt = build_optimizer(model, name, 0.05, 1e-2, implementation=implementation)
+        opt = create_optimizer(model, name, 0.05, 1e-2, implementation=implementation)
         assert optimizer_implementation(opt) == implementation
         x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
         for _ in range(3):
@@ -95,7 +95,9 @@ def test_optimizer_implementations_give_the_same_updates(name):
 
 
 def test_auto_implementation_prefers_fused_and_falls_back(monkeypatch):
-    assert optimizer_implementation(build_optimizer(nn.Linear(2, 2), "adamw", 1e-3, 0.0)) == "fused"
+    assert (
+        optimizer_implementation(create_optimizer(nn.Linear(2, 2), "adamw", 1e-3, 0.0)) == "fused"
+    )
 
     class NoFused(torch.optim.SGD):  # a PyTorch (or device) without a fused SGD
         def __init__(self, params, fused=None, **kwargs):
@@ -104,18 +106,18 @@ def test_auto_implementation_prefers_fused_and_falls_back(monkeypatch):
             super().__init__(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "SGD", NoFused)
-    opt = build_optimizer(nn.Linear(2, 2), "sgd", 0.1, 0.0)
+    opt = create_optimizer(nn.Linear(2, 2), "sgd", 0.1, 0.0)
     assert optimizer_implementation(opt) == "foreach"
     with pytest.raises(ValueError, match="optimizer_impl=fused.*not supported"):
-        build_optimizer(nn.Linear(2, 2), "sgd", 0.1, 0.0, implementation="fused")
+        create_optimizer(nn.Linear(2, 2), "sgd", 0.1, 0.0, implementation="fused")
 
 
 def test_resuming_keeps_this_runs_optimizer_kernels():
     model = nn.Linear(3, 2)
-    saved = build_optimizer(model, "adamw", 1e-3, 0.0, implementation="foreach")
+    saved = create_optimizer(model, "adamw", 1e-3, 0.0, implementation="foreach")
     model(torch.randn(4, 3)).sum().backward()
     saved.step()
-    resumed = build_optimizer(model, "adamw", 1e-3, 0.0, implementation="fused")
+    resumed = create_optimizer(model, "adamw", 1e-3, 0.0, implementation="fused")
     load_optimizer_state(resumed, saved.state_dict())
     assert optimizer_implementation(resumed) == "fused"
     assert resumed.state_dict()["state"][0]["step"] == saved.state_dict()["state"][0]["step"]

@@ -320,3 +320,68 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(
     assert not list(run_dir.glob(".*.tmp"))  # no partial file left behind
     assert find_last_checkpoint(run_dir).name == "model_0000003.pth"
     assert load_checkpoint(run_dir / "model_0000003.pth")["iteration"] == 3
+
+
+def _scripted_evaluation(monkeypatch, ap_at: dict[int, float]):
+    """Replace COCO evaluation by scores scripted per iteration (the final evaluation, in
+    folder eval/, scores like the last periodic one), recording which iterations were scored."""
+    from retinanet.engine.coco_metrics import CocoMetrics
+
+    scored = []
+
+    def evaluate_model(model, dataset, classes, device, cfg, output_dir, **kwargs):
+        name = output_dir.name
+        iteration = int(name.split("_")[1]) if "_" in name else max(ap_at)
+        scored.append(iteration)
+        numbers = dict.fromkeys(("AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"), 0.0)
+        numbers.update({"ARs": 0.0, "ARm": 0.0, "ARl": 0.0})
+        return CocoMetrics(
+            AP=ap_at[iteration], AP50=1 - ap_at[iteration], **numbers, per_category=(),
+            summary="", backend="scripted", num_images=1, num_detections=1,
+        )  # fmt: skip
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", evaluate_model)
+    return scored
+
+
+def test_best_checkpoint_and_early_stop_survive_resume(tmp_path, tiny_config, monkeypatch):
+    """AP 0.1, 0.3, 0.2, 0.25 at iterations 2, 4, 6, 8: model_best.pth is iteration 4's, and
+    with patience 2 training ends after iteration 8 (of 12) with a final checkpoint; a run
+    interrupted at 5 and resumed ends the same, bit for bit."""
+    from retinanet.config import load_config
+    from retinanet.engine.checkpoint import BEST_CHECKPOINT
+
+    from .conftest import REPO, tiny_overrides
+
+    scored = _scripted_evaluation(monkeypatch, {2: 0.1, 4: 0.3, 6: 0.2, 8: 0.25})
+    overrides = ["train.max_iter=12", "train.eval_period=2", "train.early_stop_patience=2"]
+    root = tmp_path / "data"
+    cfg = load_config(REPO / "configs" / "shapes.yaml", [*tiny_overrides(root), *overrides])
+
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert full.iterations == 8 and full.final_checkpoint.name == FINAL_CHECKPOINT
+    assert scored == [2, 4, 6, 8, 8]  # the periodic evaluations, then the final one
+    assert (full.best.iteration, full.best.value) == (4, 0.3)
+    best = json.loads((tmp_path / "full" / "best_metrics.json").read_text())
+    assert best["iteration"] == 4 and best["metrics"]["AP"] == 0.3
+    assert load_checkpoint(tmp_path / "full" / BEST_CHECKPOINT)["iteration"] == 4
+
+    train(cfg, tmp_path / "resumed", stop_at_iteration=5, progress=False)
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.iterations == 8 and resumed.best == full.best
+    for name in (FINAL_CHECKPOINT, BEST_CHECKPOINT):
+        expected, got = _weights(tmp_path / "full" / name), _weights(tmp_path / "resumed" / name)
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+
+    # Resuming a run that stopped early redoes only its end.
+    again = train(cfg, tmp_path / "full", resume=True, progress=False)
+    assert again.iterations == 8
+
+
+def test_best_metric_is_checked(tmp_path):
+    from retinanet.config import ConfigError, load_config
+
+    from .conftest import REPO
+
+    with pytest.raises(ConfigError, match="train.best_metric.*'AP50'.*got 'mAP'"):
+        load_config(REPO / "configs" / "shapes.yaml", ["train.best_metric=mAP"])

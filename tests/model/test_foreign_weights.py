@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from retinanet.config import load_config
 from retinanet.model.build import build_model
-from retinanet.model.convert import convert_detectron2
+from retinanet.model.foreign_weights import convert_detectron2
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "detectron2_retinanet_R50_FPN.yaml"
 NUM_CLASSES = 80

@@ -10,7 +10,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resne
 
 from retinanet.config import load_config
 from retinanet.model.build import build_model
-from retinanet.model.convert import convert_torchvision, torchvision_variant
+from retinanet.model.foreign_weights import convert_torchvision, torchvision_variant
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -32,3 +32,44 @@ def test_bad_device_is_an_error_not_a_traceback():
     command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--device", "tpu"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stderr.startswith("error: --device 'tpu'")
+
+
+def test_inference_benchmark_at_a_tiny_size(tmp_path, monkeypatch, capsys):
+    """Every contender runs, or is skipped with its reason (here the compiler is made to fail,
+    which also keeps the test fast), and the table and JSON give images/s per batch size."""
+    import torch
+
+    import retinanet.engine.benchmark as benchmark
+    from retinanet.cli import main as cli
+    from retinanet.engine.precision import resolve_amp
+
+    def no_compiler(model, backend="inductor"):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(benchmark, "compile_network", no_compiler)
+    output = tmp_path / "bench.json"
+    args = ["benchmark", "--no-parts", "--inference", "--height", "64", "--width", "96",
+            "--batch-sizes", "1", "2", "--repeats", "1", "--output", str(output)]  # fmt: skip
+    assert cli(args) == 0
+    (result,) = json.loads(output.read_text())["results"]
+    measured = result["images_per_s"]
+    native_bf16 = resolve_amp("auto", torch.device("cpu")) == "bf16"
+    expected = {"torchvision", "ours_fp32", "ours_fp32_channels_last", "onnxruntime"}
+    assert set(measured) == expected | ({"ours_bf16"} if native_bf16 else set())
+    assert all(set(per) == {"1", "2"} and min(per.values()) > 0 for per in measured.values())
+    assert result["skipped"]["ours_compiled"] == "RuntimeError: no compiler here"
+    if not native_bf16:
+        assert "no native bf16" in result["skipped"]["ours_bf16"]
+    speedup = result["speedup_vs_torchvision"]
+    assert speedup["torchvision"] == {"1": 1.0, "2": 1.0}
+    assert speedup["ours_fp32"]["2"] == measured["ours_fp32"]["2"] / measured["torchvision"]["2"]
+    printed = capsys.readouterr().out
+    assert "R50-FPN inference, 64x96, cpu" in printed and "| onnxruntime |" in printed
+    assert "target >= 1.1x" in printed
+
+
+def test_inference_benchmark_rejects_a_zero_batch(capsys):
+    from retinanet.cli import main as cli
+
+    assert cli(["benchmark", "--no-parts", "--inference", "--batch-sizes", "0"]) == 1
+    assert "error: --batch-sizes must be positive" in capsys.readouterr().err

@@ -1,0 +1,22 @@
+"""Options that several commands share, spelt and explained the same way everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument(
+        "--device", default=default, help="auto (CUDA if available), cpu, cuda, cuda:N"
+    )
+
+
+def add_checkpoint_config(parser: argparse.ArgumentParser) -> None:
+    """--config for commands that read a checkpoint, whose stored config is the default."""
+    parser.add_argument("--config", default=None, help="YAML config (default: the checkpoint's)")
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides (before --only etc.)"
+    )

@@ -1,0 +1,120 @@
+"""Checks of a built config beyond its types: ranges and relations between keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from .schema import Config
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def config_value(cfg: Config, dotted: str) -> Any:
+    """The value of a dotted key, e.g. config_value(cfg, "loss.gamma")."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+
+    def walk(x: dict, y: dict, prefix: str) -> list[str]:
+        keys = []
+        for key in sorted(set(x) | set(y)):
+            u, v = x.get(key), y.get(key)
+            if isinstance(u, dict) and isinstance(v, dict):
+                keys += walk(u, v, f"{prefix}{key}.")
+            elif u != v:
+                keys.append(f"{prefix}{key}")
+        return keys
+
+    return walk(dataclasses.asdict(a), dataclasses.asdict(b), "")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that go beyond types: choices, ranges and consistency between keys."""
+    checks = [
+        (
+            "model.backbone.blocks",
+            not cfg.model.backbone.blocks
+            or (len(cfg.model.backbone.blocks) == 4 and min(cfg.model.backbone.blocks) >= 1),
+            "empty (the depth's standard counts) or 4 counts >= 1 (res2-res5)",
+        ),
+        ("model.fpn.channels", cfg.model.fpn.channels > 0, "positive"),
+        ("model.anchors.sizes", len(cfg.model.anchors.sizes) == 5, "5 sizes, one per level P3-P7"),
+        ("model.box_weights", len(cfg.model.box_weights) == 4, "4 numbers"),
+        ("loss.gamma", cfg.loss.gamma >= 0, ">= 0"),
+        ("loss.alpha", cfg.loss.alpha is None or 0 <= cfg.loss.alpha <= 1, "in [0, 1] or null"),
+        (
+            "loss.label_smoothing",
+            cfg.loss.label_smoothing == 0
+            or (
+                0 < cfg.loss.label_smoothing < 1
+                and cfg.loss.modulation == "power"
+                and cfg.loss.gamma == 0
+                and cfg.loss.gamma_schedule is None
+            ),
+            "0, or in (0, 1) with cross-entropy (loss.modulation=power, loss.gamma=0, no schedule)",
+        ),
+        ("loss.cos_scale", 0 < cfg.loss.cos_scale <= math.pi / 2, "in (0, pi/2]"),
+        ("loss.gaussian_s", cfg.loss.gaussian_s > 0, "> 0"),
+        (
+            "input.min_size",
+            len(cfg.input.min_size) > 0 and min(cfg.input.min_size) > 0,
+            "positive sizes",
+        ),
+        ("input.size_divisibility", cfg.input.size_divisibility > 0, "positive"),
+        ("input.pixel_mean", len(cfg.input.pixel_mean) == 3, "3 numbers (RGB)"),
+        (
+            "input.pixel_std",
+            len(cfg.input.pixel_std) == 3 and min(cfg.input.pixel_std) > 0,
+            "3 positive numbers",
+        ),
+        ("train.max_iter", cfg.train.max_iter > 0, "positive"),
+        ("train.batch_size", cfg.train.batch_size > 0, "positive"),
+        ("train.base_lr", cfg.train.base_lr > 0, "positive"),
+        ("train.adam_betas", len(cfg.train.adam_betas) == 2, "2 numbers"),
+        ("train.log_period", cfg.train.log_period > 0, "positive"),
+        ("train.checkpoint_period", cfg.train.checkpoint_period > 0, "positive"),
+        ("train.reference_batch_size", cfg.train.reference_batch_size > 0, "positive"),
+        ("train.warmup_iters", cfg.train.warmup_iters >= 0, ">= 0"),
+        ("train.warmup_factor", 0 < cfg.train.warmup_factor <= 1, "in (0, 1]"),
+        ("train.lr_steps", list(cfg.train.lr_steps) == sorted(cfg.train.lr_steps), "ascending"),
+        ("train.eval_period", cfg.train.eval_period >= 0, ">= 0 (0: only at the end)"),
+        ("train.clip_grad_norm", cfg.train.clip_grad_norm >= 0, ">= 0 (0: off)"),
+        ("eval.batch_size", cfg.eval.batch_size > 0, "positive"),
+        (
+            "model.inference.score_threshold",
+            0 <= cfg.model.inference.score_threshold < 1,
+            "in [0, 1)",
+        ),
+        ("model.inference.nms_threshold", 0 < cfg.model.inference.nms_threshold <= 1, "in (0, 1]"),
+        ("model.inference.topk_candidates", cfg.model.inference.topk_candidates > 0, "positive"),
+        ("model.inference.max_detections", cfg.model.inference.max_detections > 0, "positive"),
+        ("model.head.prior_probability", 0 < cfg.model.head.prior_probability < 1, "in (0, 1)"),
+        ("model.head.num_convs", cfg.model.head.num_convs >= 0, ">= 0"),
+        ("model.backbone.freeze_at", 0 <= cfg.model.backbone.freeze_at <= 5, "in [0, 5]"),
+        (
+            "model.backbone.stride_in_1x1",
+            not cfg.model.backbone.stride_in_1x1 or cfg.model.backbone.depth >= 50,
+            "false for ResNet-18/34 (their basic blocks have no 1x1 conv)",
+        ),
+        (
+            "model.matcher.bg_iou_threshold",
+            0 <= cfg.model.matcher.bg_iou_threshold <= cfg.model.matcher.fg_iou_threshold <= 1,
+            "<= model.matcher.fg_iou_threshold, both in [0, 1]",
+        ),
+        ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
+        ("train.early_stop_patience", cfg.train.early_stop_patience >= 0, ">= 0 (0: off)"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(
+                f"config key '{key}' must be {expected}, got {config_value(cfg, key)!r}"
+            )
