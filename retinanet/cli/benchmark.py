@@ -116,22 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 contenders,
             )
         )
-    for c in comparisons:
-        verdict = ""
-        if c.target_ratio is not None:
-            met = "met" if c.ratio <= c.target_ratio else "NOT met"
-            verdict = f" (target <= {c.target_ratio:.2f}x: {met})"
-        memory = ""
-        if getattr(c, "ours_peak_mib", None) is not None:
-            memory = (
-                f"; peak memory ours {c.ours_peak_mib:.0f} MiB, "
-                f"other {c.torchvision_peak_mib:.0f} MiB"
-            )
-        print(f"{c.name}: ours {c.ours_s:.4f} s, other {c.torchvision_s:.4f} s, "
-              f"ratio {c.ratio:.3f}x{verdict}{memory}")  # fmt: skip
-    for m in modes:
-        timings = ", ".join(f"{k} {v:.3f} s ({m.details[k]})" for k, v in m.seconds.items())
-        print(f"{m.name}: {timings}")
+    _print_results(comparisons, modes)
     for t in throughputs:
         print(_throughput_table(t))
     if args.output:
@@ -148,6 +133,26 @@ def run(args: argparse.Namespace) -> int:
             },
         )
     return 0
+
+
+def _print_results(comparisons: list, modes: list) -> None:
+    """One line per side-by-side comparison (with its target verdict) and per recipe mode."""
+    for c in comparisons:
+        verdict = ""
+        if c.target_ratio is not None:
+            met = "met" if c.ratio <= c.target_ratio else "NOT met"
+            verdict = f" (target <= {c.target_ratio:.2f}x: {met})"
+        memory = ""
+        if getattr(c, "ours_peak_mib", None) is not None:
+            memory = (
+                f"; peak memory ours {c.ours_peak_mib:.0f} MiB, "
+                f"other {c.torchvision_peak_mib:.0f} MiB"
+            )
+        print(f"{c.name}: ours {c.ours_s:.4f} s, other {c.torchvision_s:.4f} s, "
+              f"ratio {c.ratio:.3f}x{verdict}{memory}")  # fmt: skip
+    for m in modes:
+        timings = ", ".join(f"{k} {v:.3f} s ({m.details[k]})" for k, v in m.seconds.items())
+        print(f"{m.name}: {timings}")
 
 
 def _throughput_table(result: InferenceThroughput) -> str:

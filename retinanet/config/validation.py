@@ -38,8 +38,18 @@ def config_differences(a: Config, b: Config) -> list[str]:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that go beyond types: choices, ranges and consistency between keys."""
-    checks = [
+    """Checks that go beyond types (the schema checks types and choices): ranges and
+    consistency between keys. Raises ConfigError naming the first key at fault."""
+    for key, ok, expected in _checks(cfg):
+        if not ok:
+            raise ConfigError(
+                f"config key '{key}' must be {expected}, got {config_value(cfg, key)!r}"
+            )
+
+
+def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(dotted key, whether its value is fine, what it must be) for every ranged key."""
+    return [
         (
             "model.backbone.blocks",
             not cfg.model.backbone.blocks
@@ -113,8 +123,3 @@ def validate(cfg: Config) -> None:
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
         ("train.early_stop_patience", cfg.train.early_stop_patience >= 0, ">= 0 (0: off)"),
     ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(
-                f"config key '{key}' must be {expected}, got {config_value(cfg, key)!r}"
-            )
