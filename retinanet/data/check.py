@@ -17,17 +17,17 @@ from tqdm import tqdm
 
 from retinanet.data.coco import (
     ERROR,
-    REPAIR,
     DatasetError,
     DatasetProblem,
     ImageError,
+    ProblemList,
     decode_image,
     read_coco_annotations,
 )
 
 
 @dataclasses.dataclass
-class DatasetCheck:
+class DatasetCheck(ProblemList):
     """What `check_dataset` found.
 
     num_images, num_annotations, num_categories: records in the annotation file.
@@ -46,14 +46,6 @@ class DatasetCheck:
     num_decoded: int = 0
     problems: list[DatasetProblem] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def errors(self) -> list[DatasetProblem]:
-        return [p for p in self.problems if p.severity == ERROR]
-
-    @property
-    def repairs(self) -> list[DatasetProblem]:
-        return [p for p in self.problems if p.severity == REPAIR]
 
     def passed(self, strict: bool = False) -> bool:
         """No errors (and with `strict`, no repairs either)."""

@@ -84,8 +84,22 @@ class DatasetProblem:
     file_name: str | None = None
 
 
+class ProblemList:
+    """The `errors` and `repairs` among a `problems` list of DatasetProblem."""
+
+    problems: list[DatasetProblem]
+
+    @property
+    def errors(self) -> list[DatasetProblem]:
+        return [p for p in self.problems if p.severity == ERROR]
+
+    @property
+    def repairs(self) -> list[DatasetProblem]:
+        return [p for p in self.problems if p.severity == REPAIR]
+
+
 @dataclasses.dataclass
-class CocoRecords:
+class CocoRecords(ProblemList):
     """The usable content of an instances JSON and everything wrong with it.
 
     category_ids: sorted dataset category ids; class_names: their names, in that order.
@@ -113,14 +127,6 @@ class CocoRecords:
     num_annotations: int
     num_categories: int
     problems: list[DatasetProblem]
-
-    @property
-    def errors(self) -> list[DatasetProblem]:
-        return [p for p in self.problems if p.severity == ERROR]
-
-    @property
-    def repairs(self) -> list[DatasetProblem]:
-        return [p for p in self.problems if p.severity == REPAIR]
 
     def raise_on_errors(self) -> None:
         """DatasetError with the first error, and how many more there are."""
