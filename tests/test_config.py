@@ -59,7 +59,7 @@ def test_unknown_key_names_the_dotted_key_and_suggests_the_close_one(tmp_path):
 
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys():
-    with pytest.raises(ConfigError, match=r"'loss\.zzz'.*known keys: alpha, box_loss"):
+    with pytest.raises(ConfigError, match=r"'loss\.zzz'.*known keys: alpha, alpha_start, box_loss"):
         load_config(None, ["loss.zzz=1"])
 
 
@@ -183,6 +183,7 @@ def test_missing_and_malformed_files(tmp_path):
         ("train.optimizer=adam", "train.optimizer"),
         ("model.backbone.depth=20", "model.backbone.depth"),
         ("loss.alpha=1.5", "loss.alpha"),
+        ("loss.alpha_start=0.75", "loss.alpha_start"),
         ("model.anchors.sizes=[32, 64]", "model.anchors.sizes"),
         ("input.pixel_std=[1.0, 0.0, 1.0]", "input.pixel_std"),
     ],

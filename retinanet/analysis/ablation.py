@@ -22,7 +22,6 @@ import glob
 import json
 import math
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from retinanet.analysis.plots import plot_modulating_factors
-from retinanet.analysis.tables import MISSING, format_value, markdown_table, percent, write_table
+from retinanet.analysis.tables import (
+    MISSING,
+    format_value,
+    markdown_table,
+    mean_and_std,
+    mean_std_cell,
+    percent,
+    write_table,
+)
 from retinanet.config import (
     Config,
     ConfigError,
@@ -145,13 +152,17 @@ def _table1b() -> AblationGrid:
 def _gamma_schedule() -> AblationGrid:
     # The first three: constant gamma 2 vs ramps from 0 (all at alpha 0.25). The others follow
     # up on the ramps' collapse at alpha 0.25: an alpha between the best of gamma 0 (0.75)
-    # and of gamma 2 (0.25), a short ramp (over the first quarter), and a ramp downwards.
+    # and of gamma 2 (0.25), an alpha that follows gamma from the one to the other, a short
+    # ramp (over the first quarter), and a ramp downwards.
     ramp = ("loss.gamma=2", "loss.gamma_start=0")
     specs = {
         "constant": ("loss.alpha=0.25", *ramp, "loss.gamma_schedule="),
         "linear": ("loss.alpha=0.25", *ramp, "loss.gamma_schedule=linear"),
         "cosine": ("loss.alpha=0.25", *ramp, "loss.gamma_schedule=cosine"),
         "linear_alpha0.5": ("loss.alpha=0.5", *ramp, "loss.gamma_schedule=linear"),
+        "linear_alpha_ramp": (
+            "loss.alpha=0.25", "loss.alpha_start=0.75", *ramp, "loss.gamma_schedule=linear"
+        ),
         "linear_short": (
             "loss.alpha=0.25", *ramp, "loss.gamma_schedule=linear", "loss.gamma_ramp_fraction=0.25"
         ),
@@ -160,14 +171,15 @@ def _gamma_schedule() -> AblationGrid:
         ),
     }  # fmt: skip
     return AblationGrid(
-        "gamma schedules: constant 2, ramps 0 -> 2 (at alpha 0.25 and 0.5, over all of training "
-        "or its first quarter) and 4 -> 2",
+        "gamma schedules: constant 2, ramps 0 -> 2 (at alpha 0.25, 0.5 and 0.75 -> 0.25, over "
+        "all of training or its first quarter) and 4 -> 2",
         tuple(AblationSetting(name, overrides) for name, overrides in specs.items()),
         (
             ("schedule", "loss.gamma_schedule"),
             ("gamma start", "loss.gamma_start"),
             ("gamma", "loss.gamma"),
             ("ramp fraction", "loss.gamma_ramp_fraction"),
+            ("alpha start", "loss.alpha_start"),
             ("alpha", "loss.alpha"),
         ),
     )
@@ -347,6 +359,12 @@ def run_name(setting: AblationSetting, seed_index: int) -> str:
     return setting.name if seed_index == 0 else f"{setting.name}_seed{seed_index}"
 
 
+def setting_of_run(run: str) -> str:
+    """The setting a run folder belongs to: `run_name`'s inverse (NAME_seed<k> -> NAME)."""
+    stem, _, index = run.rpartition("_seed")
+    return stem if stem and index.isdigit() else run
+
+
 def seeded_config(cfg: Config, seed_index: int) -> Config:
     """`cfg` with train.seed (model initialisation, data order and augmentation) moved on by
     `seed_index`."""
@@ -464,9 +482,7 @@ def ablation_rows(output_dir: str | os.PathLike, grid: str) -> list[dict[str, An
             if key in setting.keys:
                 row[header] = config_value(cfg, key)
         for name in METRICS:
-            values = [m[name] for m in finished if m[name] is not None]
-            row[name] = statistics.fmean(values) if values else None
-            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            row[name], row[f"{name}_std"] = mean_and_std([m[name] for m in finished])
         row["seeds"] = len(finished)
         row["AP_per_seed"] = [m["AP"] for m in finished]
         for name in METRICS:
@@ -529,10 +545,7 @@ def write_ablation_table(output_dir: str | os.PathLike, grid: str) -> dict[str, 
 
 
 def _mean_cell(row: dict[str, Any], name: str, several_seeds: bool) -> str:
-    std = row[f"{name}_std"]
-    if not several_seeds or std is None:
-        return percent(row[name])
-    return f"{percent(row[name])} ± {100 * std:.1f}"
+    return mean_std_cell(row[name], row[f"{name}_std"] if several_seeds else None, percent)
 
 
 def _warn_if_config_changed(setting_dir: Path, cfg: Config, name: str, status: str) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from retinanet.analysis.ablation import setting_of_run
 from retinanet.analysis.calibration import (
     CalibrationResult,
     DetectionMatches,
@@ -53,7 +54,15 @@ from retinanet.analysis.calibration import (
 )
 from retinanet.analysis.entropy import EntropyTally, plot_entropy
 from retinanet.analysis.loss_study import anchors_in_padding
-from retinanet.analysis.tables import fixed, format_value, markdown_table, percent, write_table
+from retinanet.analysis.tables import (
+    fixed,
+    format_value,
+    markdown_table,
+    mean_and_std,
+    mean_std_cell,
+    percent,
+    write_table,
+)
 from retinanet.config import Config
 from retinanet.data import CocoDetection
 from retinanet.data.build import build_dataset, build_test_loader, resolve_data_paths
@@ -83,11 +92,15 @@ SCORE_SETS = {
     "isotonic": "after NMS + isotonic",
 }
 CALIBRATION_FILENAME = "calibration.json"
+# The loss settings a record keeps from the checkpoint's config.
+LOSS_KEYS = ("modulation", "gamma", "alpha", "label_smoothing")
 TABLE_COLUMNS = (
     "model",
     "checkpoint",
+    "modulation",
     "gamma",
     "alpha",
+    "label_smoothing",
     *(f"{metric}_{name}" for name in SCORE_SETS for metric in ("d_ece", "mce", "brier")),
     "temperature",
     "ap",
@@ -248,7 +261,7 @@ def calibrate_model(
     reliability diagram per score set (reliability_<set>.png) and returns the JSON record.
 
     The model is built from `config_path` plus `overrides` (default: the checkpoint's config);
-    `gamma`, `alpha` and `modulation` in the record are those of the config stored in the
+    The loss settings in the record (`LOSS_KEYS`) are those of the config stored in the
     checkpoint, i.e. the ones it was trained with.
     """
     device = torch.device(device)
@@ -287,7 +300,7 @@ def calibrate_model(
     record = {
         "model": name,
         "checkpoint": str(weights),
-        "loss": {k: getattr(trained_loss, k) for k in ("gamma", "alpha", "modulation")},
+        "loss": {k: getattr(trained_loss, k) for k in LOSS_KEYS},
         "annotation_file": str(dataset.annotation_file),
         "settings": dataclasses.asdict(settings),
         "fit_image_ids": fit_ids,
@@ -443,6 +456,7 @@ def compare_calibration(
         for name, path in names.items()
     ]
     write_calibration_table(records, output_dir)
+    write_seed_summary(records, output_dir)
     plot_entropy(records, output_dir / "entropy.png")
     return records
 
@@ -461,7 +475,7 @@ def write_calibration_table(
 
     header = [
         "model",
-        "γ",
+        "loss",
         "α",
         *SCORE_SETS.values(),
         "T",
@@ -473,7 +487,7 @@ def write_calibration_table(
     cells = [
         [
             row["model"],
-            format_value(row["gamma"]),
+            loss_label(row),
             format_value(row["alpha"]),
             *(triple(row, key) for key in SCORE_SETS),
             fixed(row["temperature"], 3),
@@ -497,6 +511,77 @@ def write_calibration_table(
     csv_rows = [[row[c] for c in TABLE_COLUMNS] for row in rows]
     paths = write_table(output_dir, "calibration", TABLE_COLUMNS, csv_rows, lines)
     return paths
+
+
+def loss_label(row: Mapping[str, Any]) -> str:
+    """The training loss of a table row in words: "CE", "CE + LS 0.1", "FL γ 2", "FLSD-53",
+    or the modulation's name for the other factors."""
+    smoothing = row.get("label_smoothing") or 0
+    if row["modulation"] == "flsd":
+        return "FLSD-53"
+    if row["modulation"] != "power":
+        return str(row["modulation"])
+    if row["gamma"] == 0:
+        return "CE" + (f" + LS {smoothing:g}" if smoothing else "")
+    return f"FL γ {row['gamma']:g}"
+
+
+# Columns of the per-setting summary over seeds: (header, row key, cell format).
+SUMMARY_COLUMNS: tuple[tuple[str, str, Callable[[float | None], str]], ...] = (
+    *(
+        (f"D-ECE {title}", f"d_ece_{key}", lambda v: fixed(v, 3))
+        for key, title in SCORE_SETS.items()
+    ),
+    ("T", "temperature", lambda v: fixed(v, 2)),
+    ("AP", "ap", percent),
+    ("AP (temperature)", "ap_temperature", percent),
+    ("entropy fg", "entropy_foreground", lambda v: fixed(v, 3)),
+    ("entropy bg", "entropy_background", lambda v: fixed(v, 3)),
+)
+
+
+def write_seed_summary(
+    records: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike
+) -> dict[str, Path] | None:
+    """calibration_by_setting.csv / .md in `output_dir`: the records grouped by setting (the
+    model name without ablate's _seed<k> suffix), each `SUMMARY_COLUMNS` value as mean and
+    standard deviation over the group's seeds. None (nothing written) when no setting has
+    several seeds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(setting_of_run(record["model"]), []).append(_table_row(record))
+    if all(len(rows) < 2 for rows in groups.values()):
+        return None
+    columns = ["setting", "loss", "alpha", "seeds"]
+    columns += [f"{key}{part}" for _, key, _ in SUMMARY_COLUMNS for part in ("", "_std")]
+    header = ["setting", "loss", "α", "seeds", *(title for title, _, _ in SUMMARY_COLUMNS)]
+    csv_rows, cells = [], []
+    for setting, rows in groups.items():
+        stats = [mean_and_std([row[key] for row in rows]) for _, key, _ in SUMMARY_COLUMNS]
+        first = rows[0]
+        csv_rows.append(
+            [
+                setting,
+                loss_label(first),
+                first["alpha"],
+                len(rows),
+                *(v for pair in stats for v in pair),
+            ]
+        )
+        cells.append(
+            [setting, loss_label(first), format_value(first["alpha"]), str(len(rows))]
+            + [
+                mean_std_cell(*pair, cell)
+                for pair, (_, _, cell) in zip(stats, SUMMARY_COLUMNS, strict=True)
+            ]
+        )
+    lines = [
+        "Calibration by setting: mean ± standard deviation over seeds (the rows of "
+        "calibration.md grouped by setting; AP in percent).",
+        "",
+        *markdown_table(header, cells),
+    ]
+    return write_table(output_dir, "calibration_by_setting", columns, csv_rows, lines)
 
 
 class _ScoredDetections:
@@ -600,12 +685,9 @@ def _result_record(result: CalibrationResult) -> dict[str, Any]:
 
 
 def _table_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "model": record["model"],
-        "checkpoint": record["checkpoint"],
-        "gamma": record["loss"]["gamma"],
-        "alpha": record["loss"]["alpha"],
-    }
+    row: dict[str, Any] = {"model": record["model"], "checkpoint": record["checkpoint"]}
+    # label_smoothing is missing from records written before it existed
+    row.update({key: record["loss"].get(key) for key in LOSS_KEYS})
     for key in SCORE_SETS:
         result = record["calibration"][key] or {}
         for metric in ("d_ece", "mce", "brier"):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Sequence
+import statistics
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,21 @@ def percent(value: float | None) -> str:
 
 def fixed(value: float | None, digits: int) -> str:
     return MISSING if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def mean_and_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation (n - 1 in the denominator) of the values that are not None
+    or NaN; None where there are too few (the mean of none, the deviation of fewer than two)."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    mean = statistics.fmean(present) if present else None
+    return mean, statistics.stdev(present) if len(present) > 1 else None
+
+
+def mean_std_cell(
+    mean: float | None, std: float | None, cell: Callable[[float | None], str]
+) -> str:
+    """`cell(mean)`, followed by ± `cell(std)` when there is a deviation."""
+    return cell(mean) if std is None else f"{cell(mean)} ± {cell(std)}"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:

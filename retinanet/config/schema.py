@@ -126,6 +126,9 @@ class LossConfig:
     gamma_schedule: GammaShape | None = None
     gamma_start: float = 0.0
     gamma_ramp_fraction: float = 1.0
+    # null: alpha is constant; with a gamma schedule, alpha goes from alpha_start to alpha
+    # along the same ramp (e.g. 0.75 -> 0.25 as gamma goes 0 -> 2: Table 1b's best pairs)
+    alpha_start: float | None = None
     # smooth_l1 (beta 0 = L1) | giou
     box_loss: BoxLossKind = "smooth_l1"
     smooth_l1_beta: float = 0.0

@@ -62,6 +62,16 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("loss.gamma", cfg.loss.gamma >= 0, ">= 0"),
         ("loss.alpha", cfg.loss.alpha is None or 0 <= cfg.loss.alpha <= 1, "in [0, 1] or null"),
         (
+            "loss.alpha_start",
+            cfg.loss.alpha_start is None
+            or (
+                0 <= cfg.loss.alpha_start <= 1
+                and cfg.loss.alpha is not None
+                and cfg.loss.gamma_schedule is not None
+            ),
+            "null, or in [0, 1] with a gamma schedule (loss.gamma_schedule) and a loss.alpha",
+        ),
+        (
             "loss.label_smoothing",
             cfg.loss.label_smoothing == 0
             or (

@@ -35,7 +35,11 @@ def build_modulation(loss: LossConfig) -> ModulatingFactor | GammaSchedule:
         return SampleDependentPowerFactor()
     if loss.gamma_schedule:
         return GammaSchedule(
-            loss.gamma_start, loss.gamma, loss.gamma_ramp_fraction, loss.gamma_schedule
+            loss.gamma_start,
+            loss.gamma,
+            loss.gamma_ramp_fraction,
+            loss.gamma_schedule,
+            loss.alpha_start,
         )
     return PowerFactor(loss.gamma)
 

@@ -24,6 +24,7 @@ from .losses import (
     PowerFactor,
     dense_focal_loss,
     giou_loss,
+    resolve_alpha,
     resolve_factor,
     smooth_l1_loss,
 )
@@ -37,7 +38,8 @@ class RetinaNetCriterion(nn.Module):
     """Args:
     matcher: assigns anchors to ground truth.
     box_coder: encodes regression targets.
-    alpha: class-balancing weight of positives (0.25); None disables it.
+    alpha: class-balancing weight of positives (0.25); None disables it. A GammaSchedule with
+        an alpha_start ramps alpha to this value.
     modulation: the focal term f(p_t): a ModulatingFactor (PowerFactor(2) by default) or a
         GammaSchedule evaluated at the training progress passed to forward.
     label_smoothing: eps of binary label smoothing of the class targets (cross-entropy only;
@@ -129,9 +131,8 @@ class RetinaNetCriterion(nn.Module):
         normalizer = self._normalizer(num_foreground)
 
         factor = resolve_factor(self.modulation, progress)
-        loss_cls = dense_focal_loss(
-            cls_logits, anchor_classes, self.alpha, factor, self.label_smoothing
-        )
+        alpha = resolve_alpha(self.modulation, self.alpha, progress)
+        loss_cls = dense_focal_loss(cls_logits, anchor_classes, alpha, factor, self.label_smoothing)
         loss_cls = loss_cls / normalizer
 
         # The box loss is evaluated for every anchor and masked to the foreground ones:

@@ -153,26 +153,45 @@ class GammaSchedule:
     """A gamma that changes over training: gamma(progress) for progress in [0, 1] goes from
     `start` to `end`, linearly or along a half cosine, reaching `end` at `ramp_fraction`.
     Starting at gamma = 0 trains early with plain cross-entropy, whose gradient is not yet
-    damped for the many easy negatives the model still gets wrong."""
+    damped for the many easy negatives the model still gets wrong.
+
+    `alpha_start` (None: alpha stays constant) moves alpha along the same ramp, from
+    `alpha_start` to the loss's alpha, so that each gamma meets the alpha that suits it (paper
+    Table 1b: 0.75 for gamma 0, 0.25 for gamma 2; lower gammas want more weight on positives)."""
 
     start: float = 0.0
     end: float = 2.0
     ramp_fraction: float = 1.0
     shape: GammaShape = "linear"
+    alpha_start: float | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.shape, GammaShape, "gamma schedule shape")
         if min(self.start, self.end) < 0 or not 0 < self.ramp_fraction <= 1:
             raise ValueError("gamma schedule needs gammas >= 0 and 0 < ramp_fraction <= 1")
+        if self.alpha_start is not None and not 0 <= self.alpha_start <= 1:
+            raise ValueError(
+                f"gamma schedule alpha_start must be in [0, 1], got {self.alpha_start}"
+            )
 
-    def gamma_at(self, progress: float) -> float:
+    def ramp_at(self, progress: float) -> float:
+        """How far along the ramp training is at `progress`: 0 at its start, 1 at its end."""
         t = min(max(progress / self.ramp_fraction, 0.0), 1.0)
         if self.shape == "cosine":
             t = 0.5 * (1.0 - math.cos(math.pi * t))
-        return self.start + (self.end - self.start) * t
+        return t
+
+    def gamma_at(self, progress: float) -> float:
+        return self.start + (self.end - self.start) * self.ramp_at(progress)
 
     def factor_at(self, progress: float) -> PowerFactor:
         return PowerFactor(self.gamma_at(progress))
+
+    def alpha_at(self, progress: float, alpha: float | None) -> float | None:
+        """The alpha in effect at `progress` when the loss's (final) alpha is `alpha`."""
+        if self.alpha_start is None or alpha is None:
+            return alpha
+        return self.alpha_start + (alpha - self.alpha_start) * self.ramp_at(progress)
 
 
 def resolve_factor(
@@ -182,6 +201,15 @@ def resolve_factor(
     if isinstance(modulation, GammaSchedule):
         return modulation.factor_at(progress)
     return modulation
+
+
+def resolve_alpha(
+    modulation: ModulatingFactor | GammaSchedule, alpha: float | None, progress: float
+) -> float | None:
+    """The alpha in effect at `progress`: `alpha`, unless a gamma schedule moves it too."""
+    if isinstance(modulation, GammaSchedule):
+        return modulation.alpha_at(progress, alpha)
+    return alpha
 
 
 # --------------------------------------------------------------------------------------------

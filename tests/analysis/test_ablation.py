@@ -80,6 +80,9 @@ def test_grids_hold_the_papers_settings():
     assert (cfg.loss.gamma, cfg.loss.alpha) == (0.5, 0.5)
     cfg = setting_config(SHAPES, "gamma_schedule", GRIDS["gamma_schedule"].setting("cosine"))
     assert (cfg.loss.gamma_schedule, cfg.loss.gamma_start, cfg.loss.gamma) == ("cosine", 0.0, 2.0)
+    setting = GRIDS["gamma_schedule"].setting("linear_alpha_ramp")
+    cfg = setting_config(SHAPES, "gamma_schedule", setting)
+    assert (cfg.loss.alpha_start, cfg.loss.alpha, cfg.loss.gamma_start) == (0.75, 0.25, 0.0)
     cfg = setting_config(SHAPES, "modulation", GRIDS["modulation"].setting("exponential_f0.01"))
     assert cfg.loss.modulation == "exponential"
     assert cfg.loss.exponential_beta == pytest.approx(math.log(100) / 0.9, rel=1e-5)

@@ -17,9 +17,12 @@ from retinanet.analysis.calibration import (
     split_image_ids,
 )
 from retinanet.analysis.calibration_study import (
+    SCORE_SETS,
     TABLE_COLUMNS,
     collect_predictions,
+    loss_label,
     model_name,
+    write_seed_summary,
 )
 from retinanet.cli import main as cli
 from retinanet.data import create_test_loader
@@ -198,3 +201,58 @@ def test_tool_errors_name_the_problem(tiny_checkpoint, tmp_path, capsys):
     args = ["--weights", str(tiny_checkpoint), "--output-dir", out, "--device", "cpu"]
     assert cli(["calibrate", *args, "--min-score", "1.5"]) == 1
     assert "min_score" in capsys.readouterr().err
+
+
+def _record(model, d_ece_after_nms, ap, loss=None):
+    """A calibration record with the fields the tables read (other score sets' values fixed)."""
+    calibration = {key: {"d_ece": 0.5, "mce": 0.6, "brier": 0.2} for key in SCORE_SETS}
+    calibration["after_nms"] = {"d_ece": d_ece_after_nms, "mce": 0.6, "brier": 0.2}
+    coco = {key: {"AP": ap, "AP50": ap} for key in ("after_nms", "temperature", "isotonic")}
+    return {
+        "model": model,
+        "checkpoint": f"runs/{model}/model_final.pth",
+        "loss": loss or {"modulation": "power", "gamma": 2.0, "alpha": 0.25, "label_smoothing": 0},
+        "calibration": calibration,
+        "temperature": {"T": 0.5},
+        "coco": coco,
+        "entropy": {"foreground": 0.3, "background": 0.01},
+    }
+
+
+def test_seed_summary_groups_ablate_runs_by_setting(tmp_path):
+    flsd = {"modulation": "flsd", "gamma": 2.0, "alpha": 0.25, "label_smoothing": 0}
+    records = [
+        _record("focal_gamma2", 0.10, 0.30),
+        _record("flsd53", 0.20, 0.20, flsd),
+        _record("focal_gamma2_seed1", 0.14, 0.26),
+        _record("focal_gamma2_seed2", 0.12, 0.28),
+    ]
+    paths = write_seed_summary(records, tmp_path)
+    with open(paths["csv"], newline="") as f:
+        rows = {r["setting"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["focal_gamma2", "flsd53"]
+    focal = rows["focal_gamma2"]
+    assert (focal["loss"], focal["seeds"]) == ("FL γ 2", "3")
+    assert float(focal["d_ece_after_nms"]) == pytest.approx(0.12)
+    assert float(focal["d_ece_after_nms_std"]) == pytest.approx(0.02)  # stdev of .10 .14 .12
+    assert float(focal["ap"]) == pytest.approx(0.28)
+    # one seed: a mean and no deviation; FLSD-53's unused loss.gamma is not shown as its gamma
+    assert (rows["flsd53"]["loss"], rows["flsd53"]["d_ece_after_nms_std"]) == ("FLSD-53", "")
+    markdown = paths["markdown"].read_text()
+    assert "| focal_gamma2 | FL γ 2 | 0.25 | 3 |" in markdown and "0.120 ± 0.020" in markdown
+    # single runs only: nothing to summarise
+    assert write_seed_summary(records[:2], tmp_path / "single") is None
+
+
+@pytest.mark.parametrize(
+    ("loss", "label"),
+    [
+        ({"modulation": "power", "gamma": 0.0, "label_smoothing": 0.0}, "CE"),
+        ({"modulation": "power", "gamma": 0.0, "label_smoothing": 0.1}, "CE + LS 0.1"),
+        ({"modulation": "power", "gamma": 3.0}, "FL γ 3"),
+        ({"modulation": "flsd", "gamma": 2.0}, "FLSD-53"),
+        ({"modulation": "gaussian", "gamma": 2.0}, "gaussian"),
+    ],
+)
+def test_loss_label(loss, label):
+    assert loss_label(loss) == label

@@ -62,6 +62,8 @@ def test_no_norm_means_plain_convs_with_bias():
         (["loss.modulation=flsd"], SampleDependentPowerFactor()),
         (["loss.gamma_schedule=cosine", "loss.gamma_start=0.5"],
          GammaSchedule(0.5, 2.0, 1.0, "cosine")),
+        (["loss.gamma_schedule=linear", "loss.alpha_start=0.75"],
+         GammaSchedule(0.0, 2.0, 1.0, "linear", alpha_start=0.75)),
     ],
 )  # fmt: skip
 def test_loss_keys_reach_the_criterion(overrides, expected):

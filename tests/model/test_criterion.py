@@ -170,6 +170,21 @@ def test_gamma_schedule_follows_progress():
         torch.testing.assert_close(got, want)
 
 
+def test_alpha_follows_the_gamma_ramp():
+    cls_logits, box_deltas = _head_outputs(1)
+    ramp = GammaSchedule(start=0.0, end=2.0, ramp_fraction=0.5, alpha_start=0.75)
+    scheduled = _criterion(alpha=0.25, modulation=ramp)
+    # half-way up the ramp (progress 0.25 of 0.5): gamma 1, alpha 0.5; after it: gamma 2, 0.25
+    for progress, gamma, alpha in [(0.0, 0.0, 0.75), (0.25, 1.0, 0.5), (0.8, 2.0, 0.25)]:
+        fixed = _criterion(alpha=alpha, modulation=PowerFactor(gamma))
+        got = scheduled(cls_logits, box_deltas, ANCHORS, TARGETS[:1], progress)["loss_cls"]
+        want = fixed(cls_logits, box_deltas, ANCHORS, TARGETS[:1])["loss_cls"]
+        torch.testing.assert_close(got, want)
+    # without alpha_start, alpha stays the criterion's
+    assert GammaSchedule().alpha_at(0.3, 0.25) == 0.25
+    assert GammaSchedule(alpha_start=0.75).alpha_at(0.3, None) is None
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="box_loss"):
         _criterion(box_loss="l2")

@@ -262,6 +262,11 @@ def test_gamma_schedule_cosine():
     assert got == pytest.approx(expected)
     decreasing = GammaSchedule(start=2.0, end=0.0)
     assert decreasing.gamma_at(0.75) == pytest.approx(0.5)
+    # alpha rides the same half cosine: 0.75 -> 0.25 is half-way where gamma is
+    with_alpha = GammaSchedule(start=0.0, end=2.0, shape="cosine", alpha_start=0.75)
+    for p in (0.0, 0.25, 0.5, 0.75, 1.0):
+        along = with_alpha.gamma_at(p) / 2.0
+        assert with_alpha.alpha_at(p, 0.25) == pytest.approx(0.75 - 0.5 * along)
 
 
 def test_gamma_schedule_validation_and_fixed_factors():
@@ -271,6 +276,8 @@ def test_gamma_schedule_validation_and_fixed_factors():
         GammaSchedule(ramp_fraction=0.0)
     with pytest.raises(ValueError, match="gammas"):
         GammaSchedule(start=-1.0)
+    with pytest.raises(ValueError, match="alpha_start"):
+        GammaSchedule(alpha_start=1.5)
     fixed = ExponentialFactor(1.0)
     assert resolve_factor(fixed, 0.3) is fixed
 
