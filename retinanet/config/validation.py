@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
+from ..choices import Interval
+from ..model.head import PRIOR_PROBABILITY_RANGE
+from ..model.losses import (
+    ALPHA_RANGE,
+    COS_SCALE_RANGE,
+    GAMMA_RANGE,
+    GAUSSIAN_S_RANGE,
+    LABEL_SMOOTHING_RANGE,
+    RAMP_FRACTION_RANGE,
+)
 from .schema import Config
 
 
@@ -59,31 +68,30 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.fpn.channels", cfg.model.fpn.channels > 0, "positive"),
         ("model.anchors.sizes", len(cfg.model.anchors.sizes) == 5, "5 sizes, one per level P3-P7"),
         ("model.box_weights", len(cfg.model.box_weights) == 4, "4 numbers"),
-        ("loss.gamma", cfg.loss.gamma >= 0, ">= 0"),
-        ("loss.alpha", cfg.loss.alpha is None or 0 <= cfg.loss.alpha <= 1, "in [0, 1] or null"),
+        *_in_range("loss.gamma", cfg.loss.gamma, GAMMA_RANGE),
+        *_in_range("loss.alpha", cfg.loss.alpha, ALPHA_RANGE, "or null"),
+        *_in_range("loss.alpha_start", cfg.loss.alpha_start, ALPHA_RANGE, "or null"),
         (
             "loss.alpha_start",
             cfg.loss.alpha_start is None
-            or (
-                0 <= cfg.loss.alpha_start <= 1
-                and cfg.loss.alpha is not None
-                and cfg.loss.gamma_schedule is not None
-            ),
-            "null, or in [0, 1] with a gamma schedule (loss.gamma_schedule) and a loss.alpha",
+            or (cfg.loss.alpha is not None and cfg.loss.gamma_schedule is not None),
+            "null, or set with a gamma schedule (loss.gamma_schedule) and a loss.alpha",
         ),
+        *_in_range("loss.gamma_start", cfg.loss.gamma_start, GAMMA_RANGE),
+        *_in_range("loss.gamma_ramp_fraction", cfg.loss.gamma_ramp_fraction, RAMP_FRACTION_RANGE),
+        *_in_range("loss.label_smoothing", cfg.loss.label_smoothing, LABEL_SMOOTHING_RANGE),
         (
             "loss.label_smoothing",
             cfg.loss.label_smoothing == 0
             or (
-                0 < cfg.loss.label_smoothing < 1
-                and cfg.loss.modulation == "power"
+                cfg.loss.modulation == "power"
                 and cfg.loss.gamma == 0
                 and cfg.loss.gamma_schedule is None
             ),
-            "0, or in (0, 1) with cross-entropy (loss.modulation=power, loss.gamma=0, no schedule)",
+            "0 unless the loss is cross-entropy (loss.modulation=power, loss.gamma=0, no schedule)",
         ),
-        ("loss.cos_scale", 0 < cfg.loss.cos_scale <= math.pi / 2, "in (0, pi/2]"),
-        ("loss.gaussian_s", cfg.loss.gaussian_s > 0, "> 0"),
+        *_in_range("loss.cos_scale", cfg.loss.cos_scale, COS_SCALE_RANGE),
+        *_in_range("loss.gaussian_s", cfg.loss.gaussian_s, GAUSSIAN_S_RANGE),
         (
             "input.min_size",
             len(cfg.input.min_size) > 0 and min(cfg.input.min_size) > 0,
@@ -117,7 +125,11 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.inference.nms_threshold", 0 < cfg.model.inference.nms_threshold <= 1, "in (0, 1]"),
         ("model.inference.topk_candidates", cfg.model.inference.topk_candidates > 0, "positive"),
         ("model.inference.max_detections", cfg.model.inference.max_detections > 0, "positive"),
-        ("model.head.prior_probability", 0 < cfg.model.head.prior_probability < 1, "in (0, 1)"),
+        *_in_range(
+            "model.head.prior_probability",
+            cfg.model.head.prior_probability,
+            PRIOR_PROBABILITY_RANGE,
+        ),
         ("model.head.num_convs", cfg.model.head.num_convs >= 0, ">= 0"),
         ("model.backbone.freeze_at", 0 <= cfg.model.backbone.freeze_at <= 5, "in [0, 5]"),
         (
@@ -133,3 +145,12 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
         ("train.early_stop_patience", cfg.train.early_stop_patience >= 0, ">= 0 (0: off)"),
     ]
+
+
+def _in_range(
+    key: str, value: float | None, interval: Interval, also: str = ""
+) -> list[tuple[str, bool, str]]:
+    """The check of a key whose range its concept defines (`interval`); `also` names what else
+    it may be (e.g. "or null": None passes)."""
+    ok = (value is None and bool(also)) or (value is not None and value in interval)
+    return [(key, ok, f"{interval} {also}".strip())]

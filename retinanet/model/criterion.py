@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..choices import check_choice
+from ..choices import check_choice, check_range
 from .box_coding import BoxCoder
 from .losses import (
+    ALPHA_RANGE,
+    LABEL_SMOOTHING_RANGE,
     GammaSchedule,
     ModulatingFactor,
     PowerFactor,
@@ -73,14 +75,13 @@ class RetinaNetCriterion(nn.Module):
         super().__init__()
         check_choice(box_loss, BoxLossKind, "box_loss")
         check_choice(normalizer, Normalizer, "normalizer")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"focal loss alpha must be in [0, 1], got {alpha}")
+        if alpha is not None:
+            check_range(alpha, ALPHA_RANGE, "focal loss alpha")
         self.matcher = matcher
         self.box_coder = box_coder
         self.alpha = alpha
         self.modulation = modulation if modulation is not None else PowerFactor(2.0)
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_range(label_smoothing, LABEL_SMOOTHING_RANGE, "label_smoothing")
         self.label_smoothing = label_smoothing
         self.box_loss = box_loss
         self.smooth_l1_beta = smooth_l1_beta

@@ -8,7 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..choices import Interval, check_range
 from .norm import make_norm
+
+# pi, the foreground probability every anchor starts with: a probability strictly inside (0, 1)
+PRIOR_PROBABILITY_RANGE = Interval(0.0, 1.0, low_open=True, high_open=True)
 
 
 def _subnet(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:
@@ -46,8 +50,7 @@ class RetinaNetHead(nn.Module):
         prior_probability: float = 0.01,
     ) -> None:
         super().__init__()
-        if not 0.0 < prior_probability < 1.0:
-            raise ValueError(f"prior_probability must be in (0, 1), got {prior_probability}")
+        check_range(prior_probability, PRIOR_PROBABILITY_RANGE, "prior_probability")
         self.num_anchors = num_anchors
         self.num_classes = num_classes
         self.cls_subnet = _subnet(in_channels, num_convs, norm)

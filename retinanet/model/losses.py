@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..choices import check_choice
+from ..choices import Interval, check_choice, check_range
 from .matcher import IGNORE, box_area
 
 # The focal loss's modulating factor of the cross-entropy: power (1 - p_t)^gamma, exponential
@@ -37,6 +37,13 @@ from .matcher import IGNORE, box_area
 Modulation = Literal["power", "exponential", "cos", "gaussian", "flsd"]
 # How a gamma schedule goes from its start to its end.
 GammaShape = Literal["linear", "cosine"]
+# Ranges of the loss's parameters (checked by the config and by the classes below).
+GAMMA_RANGE = Interval(0.0)
+ALPHA_RANGE = Interval(0.0, 1.0)
+COS_SCALE_RANGE = Interval(0.0, math.pi / 2, low_open=True)
+GAUSSIAN_S_RANGE = Interval(0.0, low_open=True)
+LABEL_SMOOTHING_RANGE = Interval(0.0, 1.0, high_open=True)
+RAMP_FRACTION_RANGE = Interval(0.0, 1.0, low_open=True)
 
 # --------------------------------------------------------------------------------------------
 # Modulating factors f(p_t)
@@ -68,8 +75,7 @@ class PowerFactor(ModulatingFactor):
     gamma: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.gamma < 0:
-            raise ValueError(f"focal loss gamma must be >= 0, got {self.gamma}")
+        check_range(self.gamma, GAMMA_RANGE, "focal loss gamma")
 
     def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
         # (1 - p_t)^gamma as exp(-gamma softplus(z)): pow() of a sigmoid that underflows to 0
@@ -103,8 +109,7 @@ class CosineFactor(ModulatingFactor):
     scale: float = math.pi / 2
 
     def __post_init__(self) -> None:
-        if not 0 < self.scale <= math.pi / 2:
-            raise ValueError(f"cos modulation scale must be in (0, pi/2], got {self.scale}")
+        check_range(self.scale, COS_SCALE_RANGE, "cos modulation scale")
 
     def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
         p = torch.sigmoid(z)
@@ -120,8 +125,7 @@ class GaussianFactor(ModulatingFactor):
     s: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.s <= 0:
-            raise ValueError(f"gaussian modulation s must be > 0, got {self.s}")
+        check_range(self.s, GAUSSIAN_S_RANGE, "gaussian modulation s")
 
     def weights(self, z: Tensor) -> tuple[Tensor, Tensor]:
         p = torch.sigmoid(z)
