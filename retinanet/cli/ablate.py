@@ -3,13 +3,18 @@ r"""Train a grid of loss settings from one base config and tabulate their COCO A
     retinanet ablate --config configs/shapes.yaml --output-dir runs/table1b --grid table1b
     retinanet ablate --config configs/retinanet_R50_FPN_600.yaml --output-dir runs/t1a \
         --grid table1a --max-iter 20000 train.on_nonfinite=skip
+    retinanet ablate --list                  # every grid and its settings
     retinanet ablate --grid table1b --list
     retinanet ablate --config configs/shapes.yaml --output-dir runs/table1b \
         --grid table1b --only gamma2.0_alpha0.25 gamma5.0_alpha0.25
 
 Grids: table1a (gamma 0, alpha .10 to .999), table1b (gamma 0 to 5 with the paper's best alpha),
-gamma_schedule (gamma 2 constant vs linear / cosine ramp from 0), modulation ((1 - p_t)^2 vs
-exp(-beta p_t), beta 1, 2, 5), calibration (gamma 0, 1, 2, 3 at alpha .25).
+alpha (alpha .25 to .8 at gamma 2), modulation ((1 - p_t)^gamma, exp(-beta p_t), exp(-p_t^2 / s)
+and cos(c p_t) at matched f(0.9), and the literal cos(p_t)), gamma_schedule (gamma 2 constant vs
+ramps: linear / cosine from 0, at alpha .25, .5 and alpha following gamma from .75 to .25, a
+short ramp, 4 -> 2 downwards), calibration (CE, CE + label smoothing .1, focal loss gamma 1, 2,
+3 and FLSD-53). --seeds N trains each setting with N seeds (folders NAME, NAME_seed1, ...) and
+tabulates mean, standard deviation and each seed's AP.
 
 Each setting trains into DIR/<setting>/ and resumes there after an interruption; finished
 settings are skipped, so rerunning the same command continues the grid. --only runs some
@@ -34,7 +39,7 @@ from retinanet.engine.distributed import is_main_process
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="base YAML config (required unless --list)")
     parser.add_argument("--output-dir", default=None, help="grid folder (required unless --list)")
-    parser.add_argument("--grid", default="table1b", help=f"one of {', '.join(GRIDS)}")
+    parser.add_argument("--grid", default=None, help=f"one of {', '.join(GRIDS)} (default table1b)")
     parser.add_argument(
         "--max-iter", type=int, default=None, help="iterations per setting (default: the config's)"
     )
@@ -53,7 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train every setting with this many seeds (train.seed, train.seed + 1, ...) and "
         "report mean, standard deviation and each seed's AP",
     )
-    parser.add_argument("--list", action="store_true", help="print the grid's setting names")
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="print the grid's setting names (without --grid: every grid with its settings)",
+    )
     parser.add_argument(
         "--retry-failed", action="store_true", help="train settings that failed before again"
     )
@@ -62,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list and args.grid is None:
+        for name, spec in GRIDS.items():
+            print(f"{name}: {spec.description}")
+            print("".join(f"  {setting.name}\n" for setting in spec.settings), end="")
+        return 0
+    args.grid = args.grid or "table1b"
     grid = get_grid(args.grid)
     if args.list:
         print("\n".join(setting.name for setting in grid.settings))

@@ -250,6 +250,12 @@ def test_tool_lists_and_reports_bad_input(tmp_path, capsys):
         "cos_f0.16",
         "cos_literal",
     ]
+    assert cli(["ablate", "--list"]) == 0
+    listing = capsys.readouterr().out
+    for name, spec in GRIDS.items():
+        assert f"{name}: {spec.description}\n" in listing
+        assert all(f"\n  {setting.name}\n" in listing for setting in spec.settings)
+    assert "  linear_alpha_ramp\n" in listing and "  flsd53\n" in listing
     assert cli(["ablate", "--grid", "table9", "--list"]) == 1
     assert "unknown grid 'table9'" in capsys.readouterr().err
     base = ["--config", str(SHAPES), "--output-dir", str(tmp_path), "--grid", "table1b"]
