@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from retinanet.analysis.anchor_coverage import analyze_anchor_coverage, format_coverage
-from retinanet.cli.arguments import add_overrides
+from retinanet.cli.arguments import add_overrides, add_seed
 from retinanet.config import load_config
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5000,
         help="analyse a seeded random sample of this many training images (default 5000; 0: all)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    add_seed(parser, "the image sample")
     parser.add_argument(
         "--no-suggest", action="store_true", help="only measure the configured anchors"
     )

@@ -20,7 +20,7 @@ import argparse
 
 from retinanet.analysis.loss_distribution import VIEWS
 from retinanet.analysis.loss_study import SPLITS, format_loss_summary, run_loss_study
-from retinanet.cli.arguments import add_checkpoint_config, add_device, add_overrides
+from retinanet.cli.arguments import add_checkpoint_config, add_device, add_overrides, add_seed
 from retinanet.engine.device import resolve_device
 
 
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="anchor",
         help="anchor: one sample per anchor; binary: one per (anchor, class) pair",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    add_seed(parser, "the image sample")
     add_device(parser)
     add_overrides(parser)
 

@@ -16,6 +16,11 @@ def add_checkpoint_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config (default: the checkpoint's)")
 
 
+def add_seed(parser: argparse.ArgumentParser, what: str) -> None:
+    """--seed (default 0) of the random choice `what` names, e.g. "the image sample"."""
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {what}")
+
+
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides (before --only etc.)"

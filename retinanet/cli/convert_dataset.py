@@ -37,19 +37,17 @@ _LISTED_SKIPS = 20  # skipped records printed; all of them go to <output>.skippe
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", choices=FORMATS, required=True)
+    # Which of these inputs a format needs is checked in `convert` (all default to None).
     parser.add_argument(
-        "--images",
-        default=None,
-        help="image folder (csv: base of relative paths, default its folder)",
+        "--images", help="image folder (csv: base of relative paths, default its folder)"
     )
-    parser.add_argument("--annotations", default=None, help="voc: XML folder; csv: the CSV file")
-    parser.add_argument("--labels", default=None, help="yolo: folder of .txt label files")
+    parser.add_argument("--annotations", help="voc: XML folder; csv: the CSV file")
+    parser.add_argument("--labels", help="yolo: folder of .txt label files")
     parser.add_argument(
         "--classes",
-        default=None,
         help="voc/yolo: names, one per line (ids 1..K in order); csv: 'class_name,id' rows",
     )
-    parser.add_argument("--ids", default=None, help="voc: split list (ImageSets/Main/train.txt)")
+    parser.add_argument("--ids", help="voc: split list (ImageSets/Main/train.txt)")
     parser.add_argument("--output", required=True, help="COCO instances JSON to write")
     parser.add_argument(
         "--skip-invalid", action="store_true", help="leave out and list bad records, don't stop"

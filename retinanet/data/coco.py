@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import cv2
 import numpy as np
@@ -469,23 +469,17 @@ def check_coco_dict(data: Any, source: str) -> CocoRecords:
     images = _read_images(data["images"], problems)
     category_ids = sorted(categories)
     annotations = _read_annotations(data.get("annotations", []), problems)
-    boxes, labels, is_crowd, image_index = _resolve_annotations(
-        annotations, category_ids, images, problems
-    )
-    image_ids, file_names, widths, heights, _ = images
+    kept = _resolve_annotations(annotations, category_ids, images, problems)
     order = np.argsort(_kind_order(problems), kind="stable")
     return CocoRecords(
         source=source,
         category_ids=category_ids,
         class_names=[categories[c] for c in category_ids],
-        image_ids=image_ids,
-        file_names=file_names,
-        widths=widths,
-        heights=heights,
-        boxes=boxes,
-        labels=labels,
-        is_crowd=is_crowd,
-        image_index=image_index,
+        image_ids=images.ids,
+        file_names=images.file_names,
+        widths=images.widths,
+        heights=images.heights,
+        **kept._asdict(),
         num_images=len(data["images"]),
         num_annotations=len(data.get("annotations", [])),
         num_categories=len(data["categories"]),
@@ -638,13 +632,20 @@ def _read_categories(records: list[Any], problems: list[DatasetProblem]) -> dict
     return names
 
 
-_Images = tuple[np.ndarray, list[str], np.ndarray, np.ndarray, set[int]]
+class _Images(NamedTuple):
+    """Valid image records sorted by id: ids (I,) int64, file_names, widths (I,) float64,
+    heights (I,) float64; and invalid_ids, the ids of invalid records (their annotations are
+    left out without a message of their own)."""
+
+    ids: np.ndarray
+    file_names: list[str]
+    widths: np.ndarray
+    heights: np.ndarray
+    invalid_ids: set[int]
 
 
 def _read_images(records: list[Any], problems: list[DatasetProblem]) -> _Images:
-    """Valid image records sorted by id: ids (I,) int64, file names, widths (I,) float64,
-    heights (I,) float64; and the ids of invalid records (their annotations are left out
-    without a message of their own)."""
+    """The image records as `_Images`; a problem for each invalid one."""
     ids: list[int] = []
     names: list[str] = []
     sizes: list[tuple[float, float]] = []
@@ -674,7 +675,7 @@ def _read_images(records: list[Any], problems: list[DatasetProblem]) -> _Images:
     ids_array = np.asarray(ids, dtype=np.int64)
     order = np.argsort(ids_array, kind="stable")
     size_array = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)[order]
-    return (
+    return _Images(
         ids_array[order],
         [names[i] for i in order],
         size_array[:, 0].copy(),
@@ -800,13 +801,22 @@ def _annotation_record_problem(ann: Any) -> tuple[str, str] | None:
     return None
 
 
+class _KeptAnnotations(NamedTuple):
+    """The annotations the loader keeps, named as in `CocoRecords`: boxes (A, 4) float32 xyxy
+    original pixels, labels (A,) int64, is_crowd (A,) bool, image_index (A,) int64 (row in the
+    sorted image ids)."""
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    is_crowd: np.ndarray
+    image_index: np.ndarray
+
+
 def _resolve_annotations(
     anns: _Annotations, category_ids: list[int], images: _Images, problems: list[DatasetProblem]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Check ids against each other and boxes against their images; clip and filter. Returns
-    boxes (A, 4) float32 xyxy original pixels, labels (A,) int64, is_crowd (A,) bool,
-    image_index (A,) int64 (row in the sorted image ids)."""
-    image_ids, _, widths, heights, invalid_images = images
+) -> _KeptAnnotations:
+    """Check ids against each other and boxes against their images; clip and filter."""
+    image_ids, widths, heights = images.ids, images.widths, images.heights
 
     def report(mask: np.ndarray, code: str, what: Any, severity: str = ERROR) -> None:
         """A problem for each annotation in `mask`; `what(row)` or `what` says what is wrong."""
@@ -843,7 +853,7 @@ def _resolve_annotations(
         pos = np.zeros(len(anns.ids), dtype=np.int64)
         known_image = np.zeros(len(anns.ids), dtype=bool)
     # Annotations of an image whose own record is broken go with it, without a message.
-    of_invalid_image = np.isin(anns.image_ids, list(invalid_images))
+    of_invalid_image = np.isin(anns.image_ids, list(images.invalid_ids))
     report(
         ~known_image & ~of_invalid_image,
         "unknown_image",
@@ -870,7 +880,7 @@ def _resolve_annotations(
     )
 
     keep = known_image & ~degenerate & known_cat & first
-    return (
+    return _KeptAnnotations(
         clipped_boxes[keep].astype(np.float32),
         labels[keep],
         anns.crowd[keep],

@@ -10,6 +10,7 @@ and yields exactly the batches an uninterrupted run would have yielded from iter
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,6 +53,7 @@ def orientation_groups(aspect_ratios: np.ndarray) -> np.ndarray:
     return (np.asarray(aspect_ratios) >= 1.0).astype(np.int64)
 
 
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity, like any sampler
 class TrainingBatchSampler(Sampler[list[tuple[int, int]]]):
     """Infinite batches of (index, seed) pairs from `training_stream`, beginning at `start_iter`.
 
@@ -62,40 +64,27 @@ class TrainingBatchSampler(Sampler[list[tuple[int, int]]]):
     groups it jumps straight to sample `start_iter * batch_size`.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        start_iter: int = 0,
-        group_ids: np.ndarray | None = None,
-    ) -> None:
+    num_samples: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    start_iter: int = 0
+    group_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        batch_size, start_iter = self.batch_size, self.start_iter
         if batch_size < 1 or start_iter < 0:
             raise ValueError(
                 f"need batch_size >= 1 and start_iter >= 0, got {batch_size=}, {start_iter=}"
             )
-        if group_ids is not None and len(group_ids) != num_samples:
-            raise ValueError(f"{len(group_ids)} group ids for {num_samples} samples")
-        _check_shard(rank, world_size)
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.start_iter = start_iter
-        self.group_ids = None if group_ids is None else np.asarray(group_ids).tolist()
+        if self.group_ids is not None and len(self.group_ids) != self.num_samples:
+            raise ValueError(f"{len(self.group_ids)} group ids for {self.num_samples} samples")
+        _check_shard(self.rank, self.world_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.group_ids is None:
-            stream = training_stream(
-                self.num_samples,
-                self.seed,
-                self.rank,
-                self.world_size,
-                start=self.start_iter * self.batch_size,
-            )
+            stream = self._stream(start=self.start_iter * self.batch_size)
             while True:
                 yield [next(stream) for _ in range(self.batch_size)]
         batches = self._grouped_batches()
@@ -103,11 +92,14 @@ class TrainingBatchSampler(Sampler[list[tuple[int, int]]]):
             next(batches)
         yield from batches
 
+    def _stream(self, start: int = 0) -> Iterator[tuple[int, int]]:
+        return training_stream(self.num_samples, self.seed, self.rank, self.world_size, start)
+
     def _grouped_batches(self) -> Iterator[list[tuple[int, int]]]:
+        group_of = np.asarray(self.group_ids).tolist()  # Python ints: the fastest lookup
         buckets: dict[int, list[tuple[int, int]]] = {}
-        stream = training_stream(self.num_samples, self.seed, self.rank, self.world_size)
-        for item in stream:
-            bucket = buckets.setdefault(self.group_ids[item[0]], [])
+        for item in self._stream():
+            bucket = buckets.setdefault(group_of[item[0]], [])
             bucket.append(item)
             if len(bucket) == self.batch_size:
                 yield bucket[:]

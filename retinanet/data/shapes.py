@@ -3,13 +3,14 @@ backgrounds, written to disk in COCO format on first use.
 
 Each image has 1-10 shapes (none in about 5 % of the images) of 7 classes, with diameters drawn
 log-uniformly from `min_object_size` px to `max_object_fraction` of the short image side (so small
-objects are common and every FPN level gets work), random rotations and colours that stand out from
-the local background. Backgrounds mix gradients, smooth clouds, stripes, thin distractor lines and
-sensor noise, so background anchors vastly outnumber foreground ones as on real photographs.
-Shapes may overlap, but the boxes of two whole shapes never have an IoU above `max_iou` and
-every shape keeps at least `min_visible` of its pixels, so no object is mostly hidden. Boxes are
-the tight boxes of the visible pixels of each shape and `area` is their count (cv2 fills every
-pixel an outline touches, so a shape's pixels may overhang its exact outline by up to 1 px).
+objects are common and every FPN level gets work; see `ObjectSampling`), random rotations and
+colours that stand out from the local background. Backgrounds mix gradients, smooth clouds,
+stripes, thin distractor lines and sensor noise, so background anchors vastly outnumber
+foreground ones as on real photographs. Shapes may overlap, but the boxes of two whole shapes
+never have an IoU above `max_iou` and every shape keeps at least `min_visible` of its pixels, so
+no object is mostly hidden. Boxes are the tight boxes of the visible pixels of each shape and
+`area` is their count (cv2 fills every pixel an outline touches, so a shape's pixels may
+overhang its exact outline by up to 1 px).
 
 Image i of a split is a pure function of (seed, split, i), so regenerating gives identical files.
 """
@@ -53,6 +54,18 @@ class ShapesPaths:
     train_annotation_file: Path
     val_image_dir: Path
     val_annotation_file: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectSampling:
+    """How many shapes an image gets and how large they are: 1 to `max_objects` shapes (none in
+    `empty_fraction` of the images), with diameters log-uniform in
+    [min_object_size, max_object_fraction * min(height, width)] px."""
+
+    max_objects: int = 10
+    min_object_size: float = 8.0
+    max_object_fraction: float = 0.5
+    empty_fraction: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,18 +134,19 @@ def render_shapes_image(
     rng: np.random.Generator,
     height: int,
     width: int,
-    max_objects: int = 10,
-    min_object_size: float = 8.0,
-    max_object_fraction: float = 0.5,
-    empty_fraction: float = 0.05,
+    objects: ObjectSampling = ObjectSampling(),
     max_iou: float = 0.3,
     min_visible: float = 0.7,
 ) -> ShapesImage:
-    """Draw one synthetic image with `rng`; object diameters are log-uniform in
-    [min_object_size, max_object_fraction * min(height, width)] px."""
+    """Draw one synthetic image with `rng`, its shapes drawn as `objects` says; no two boxes of
+    whole shapes overlap with IoU above `max_iou`, and every shape keeps at least `min_visible`
+    of its pixels."""
     background = _background(rng, height, width)
-    max_size = max_object_fraction * min(height, width)
-    num_objects = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_objects + 1))
+    max_size = objects.max_object_fraction * min(height, width)
+    if rng.random() < objects.empty_fraction:
+        num_objects = 0
+    else:
+        num_objects = int(rng.integers(1, objects.max_objects + 1))
 
     instance_map = np.zeros((height, width), np.uint8)
     full_areas: list[int] = []
@@ -141,7 +155,7 @@ def render_shapes_image(
     shapes: list[Shape] = []
     for _ in range(num_objects):
         label = int(rng.integers(len(SHAPE_NAMES)))
-        radius = 0.5 * math.exp(rng.uniform(math.log(min_object_size), math.log(max_size)))
+        radius = 0.5 * math.exp(rng.uniform(math.log(objects.min_object_size), math.log(max_size)))
         angle = float(rng.uniform(0.0, 2.0 * math.pi))
         for _ in range(_PLACEMENT_TRIES):
             shape = Shape(
@@ -190,13 +204,11 @@ def ensure_shapes_dataset(
     num_val: int = 300,
     image_size: int | tuple[int, int] = 192,
     seed: int = 0,
-    max_objects: int = 10,
-    min_object_size: float = 8.0,
-    max_object_fraction: float = 0.5,
-    empty_fraction: float = 0.05,
+    objects: ObjectSampling = ObjectSampling(),
 ) -> ShapesPaths:
     """Generate the shapes dataset under `root` unless it is already there with the same
-    parameters; returns its paths. `image_size` is a side or (height, width) in pixels.
+    parameters; returns its paths. `image_size` is a side or (height, width) in pixels;
+    `objects` says how many shapes each image gets and how large.
 
     Layout: root/{train,val}/NNNNNN.png, root/annotations/instances_{train,val}.json and
     root/meta.json (the parameters, written last: a missing or different meta.json means an
@@ -204,16 +216,17 @@ def ensure_shapes_dataset(
     ranks) are serialised by a file lock, so only the first one generates.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if min(num_train, num_val) < 1 or not 1 <= max_objects <= 254:
+    if min(num_train, num_val) < 1 or not 1 <= objects.max_objects <= 254:
         raise ValueError(
             f"need num_train, num_val >= 1 and 1 <= max_objects <= 254, got "
-            f"{num_train=}, {num_val=}, {max_objects=}"
+            f"{num_train=}, {num_val=}, max_objects={objects.max_objects}"
         )
-    if not 0 < max_object_fraction <= 1:
-        raise ValueError(f"max_object_fraction must be in (0, 1], got {max_object_fraction}")
-    if min_object_size < 2 or max_object_fraction * min(height, width) < min_object_size:
+    min_size, max_fraction = objects.min_object_size, objects.max_object_fraction
+    if not 0 < max_fraction <= 1:
+        raise ValueError(f"max_object_fraction must be in (0, 1], got {max_fraction}")
+    if min_size < 2 or max_fraction * min(height, width) < min_size:
         raise ValueError(
-            f"object sizes [{min_object_size}, {max_object_fraction} * {min(height, width)}] px "
+            f"object sizes [{min_size}, {max_fraction} * {min(height, width)}] px "
             "are empty or below 2 px"
         )
     root = Path(root)
@@ -224,20 +237,14 @@ def ensure_shapes_dataset(
         val_image_dir=root / "val",
         val_annotation_file=root / "annotations" / "instances_val.json",
     )
-    render_args = {
-        "height": height,
-        "width": width,
-        "max_objects": max_objects,
-        "min_object_size": min_object_size,
-        "max_object_fraction": max_object_fraction,
-        "empty_fraction": empty_fraction,
-    }
     meta = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "num_train": num_train,
         "num_val": num_val,
-        **render_args,
+        "height": height,
+        "width": width,
+        **dataclasses.asdict(objects),
     }
     root.mkdir(parents=True, exist_ok=True)
     meta_file = root / "meta.json"
@@ -254,23 +261,30 @@ def ensure_shapes_dataset(
             return paths
         meta_file.unlink(missing_ok=True)
         for split_code, (split, count) in enumerate(zip(SPLITS, (num_train, num_val), strict=True)):
-            _write_split(root, split, split_code, count, seed, render_args)
+            _write_split(root, split, split_code, count, seed, (height, width), objects)
         atomic_write_json(meta_file, meta)
     return paths
 
 
 def _write_split(
-    root: Path, split: str, split_code: int, count: int, seed: int, render_args: dict[str, Any]
+    root: Path,
+    split: str,
+    split_code: int,
+    count: int,
+    seed: int,
+    size: tuple[int, int],
+    objects: ObjectSampling,
 ) -> None:
-    """Render `count` images into a scratch folder, swap it in for root/split, then write the
-    instances JSON."""
+    """Render `count` images of `size` (height, width) into a scratch folder, swap it in for
+    root/split, then write the instances JSON."""
+    height, width = size
     partial = root / f".{split}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     images, annotations = [], []
     for i in range(count):
         rng = np.random.default_rng([seed, split_code, i])
-        drawn = render_shapes_image(rng, **render_args)
+        drawn = render_shapes_image(rng, height, width, objects)
         image_id, file_name = i + 1, f"{i + 1:06d}.png"
         if not cv2.imwrite(
             str(partial / file_name), drawn.image[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]
@@ -280,8 +294,8 @@ def _write_split(
             {
                 "id": image_id,
                 "file_name": file_name,
-                "width": render_args["width"],
-                "height": render_args["height"],
+                "width": width,
+                "height": height,
             }
         )
         for box, label, area in zip(drawn.boxes, drawn.labels, drawn.areas, strict=True):

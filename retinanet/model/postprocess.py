@@ -13,6 +13,7 @@ tensors, so that a traced graph of it (the ONNX export) is valid for any input.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -21,7 +22,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from ..choices import Interval, check_range
 from .box_coding import BoxCoder
+
+SCORE_THRESHOLD_RANGE = Interval(0.0, 1.0, high_open=True)
 
 
 def top_above_threshold(logits: Tensor, threshold: float, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,29 +174,33 @@ def scale_to_original(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor
     return boxes.float() * scale[..., None, [1, 0, 1, 0]].to(boxes.device)
 
 
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity, like the model's parts
 class DetectionPostprocessor:
     """Args:
+    box_coder: decodes the box deltas against their anchors.
     score_threshold: minimum class probability of a candidate (0.05).
     topk_candidates: candidates kept per level and image before NMS (1000).
     nms_threshold: IoU above which a lower-scoring box of the same class is suppressed (0.5).
     max_detections: detections kept per image after NMS (100; torchvision keeps 300).
     """
 
-    def __init__(
-        self,
-        box_coder: BoxCoder,
-        score_threshold: float = 0.05,
-        topk_candidates: int = 1000,
-        nms_threshold: float = 0.5,
-        max_detections: int = 100,
-    ) -> None:
-        if not 0.0 <= score_threshold < 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1), got {score_threshold}")
-        self.box_coder = box_coder
-        self.score_threshold = score_threshold
-        self.topk_candidates = topk_candidates
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
+    box_coder: BoxCoder
+    score_threshold: float = 0.05
+    topk_candidates: int = 1000
+    nms_threshold: float = 0.5
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        check_range(self.score_threshold, SCORE_THRESHOLD_RANGE, "score_threshold")
+
+    @property
+    def logit_threshold(self) -> float:
+        """score_threshold as a logit (-inf for 0): thresholding logits is the same as
+        thresholding probabilities (sigmoid is monotone) and avoids a sigmoid over every
+        (anchor, class) pair."""
+        if self.score_threshold > 0:
+            return math.log(self.score_threshold / (1.0 - self.score_threshold))
+        return -math.inf
 
     def candidates(
         self,
@@ -209,13 +217,7 @@ class DetectionPostprocessor:
         scores (B, N), labels (B, N), valid (B, N) bool, N = sum over levels of the top-k.
         """
         batch, _, num_classes = cls_logits.shape
-        # Thresholding logits is the same as thresholding probabilities (sigmoid is monotone)
-        # and avoids a sigmoid over every (anchor, class) pair.
-        logit_threshold = (
-            math.log(self.score_threshold / (1.0 - self.score_threshold))
-            if self.score_threshold > 0
-            else -math.inf
-        )
+        logit_threshold = self.logit_threshold
         boxes, scores, labels, valid = [], [], [], []
         start = 0
         for count in num_anchors_per_level:
@@ -297,11 +299,7 @@ class DetectionPostprocessor:
         taken over all its (anchor, class) pairs and then thresholded (the same candidates as
         `candidates`, which thresholds first: faster in eager use, but data-dependent).
         """
-        logit_threshold = (
-            math.log(self.score_threshold / (1.0 - self.score_threshold))
-            if self.score_threshold > 0
-            else -math.inf
-        )
+        logit_threshold = self.logit_threshold
         boxes, scores, labels = [], [], []
         for logits, deltas, level_anchors in zip(cls_logits, box_deltas, anchors, strict=True):
             num_classes = logits.shape[-1]

@@ -8,6 +8,7 @@ import pytest
 from retinanet.data.coco import CocoDetection
 from retinanet.data.shapes import (
     SHAPE_NAMES,
+    ObjectSampling,
     ensure_shapes_dataset,
     render_shapes_image,
     shape_polygons,
@@ -70,6 +71,9 @@ def _render_many(count, size=192, **kwargs):
     ]
 
 
+ONE_OBJECT = ObjectSampling(max_objects=1, empty_fraction=0.0)
+
+
 def test_counts_classes_sizes_and_overlap_statistics():
     images = _render_many(200)
     counts = np.array([len(r.labels) for r in images])
@@ -119,7 +123,7 @@ def test_single_object_box_matches_its_geometry():
     circles and rings that outline's extent is the circle, for squares it is set by the corners
     at angle + k pi / 2 (closed forms, independent of the rasteriser)."""
     checked = 0
-    for r in _render_many(60, size=96, max_objects=1, empty_fraction=0.0):
+    for r in _render_many(60, size=96, objects=ONE_OBJECT):
         (shape,) = r.shapes
         name = SHAPE_NAMES[shape.label]
         cx, cy, radius = shape.center_x, shape.center_y, shape.radius
@@ -141,7 +145,7 @@ def test_single_object_box_matches_its_geometry():
 
 
 def test_ring_has_a_hole():
-    for r in _render_many(40, max_objects=1, empty_fraction=0.0):
+    for r in _render_many(40, objects=ONE_OBJECT):
         (shape,) = r.shapes
         if SHAPE_NAMES[shape.label] == "ring" and shape.radius > 8:
             assert r.instance_map[round(shape.center_y), round(shape.center_x)] == 0

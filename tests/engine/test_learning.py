@@ -8,6 +8,7 @@ import pytest
 from retinanet.config import load_config
 from retinanet.data import ensure_shapes_dataset
 from retinanet.data.build import build_dataset
+from retinanet.data.shapes import ObjectSampling
 from retinanet.engine.checkpoint import load_trained_model
 from retinanet.engine.inference import evaluate_model
 from retinanet.engine.trainer import train
@@ -45,8 +46,7 @@ def dataset_overrides(tmp_path_factory) -> list[str]:
         num_train=300,
         num_val=40,
         image_size=SIZE,
-        min_object_size=12,
-        max_objects=4,
+        objects=ObjectSampling(max_objects=4, min_object_size=12),
     )
     return [
         "data.synthetic.enabled=false",
