@@ -169,13 +169,7 @@ def collect_predictions(
         padding = anchors_in_padding(outputs.anchors, batch.image_sizes)
         entropy.add(outputs.cls_logits, anchor_classes, padding)
         original_sizes = torch.tensor(batch.orig_sizes, device=device)
-        candidates = model.postprocessor.candidates(
-            outputs.cls_logits,
-            outputs.box_deltas,
-            outputs.anchors,
-            outputs.num_anchors_per_level,
-            batch.image_sizes,
-        )
+        candidates = model.postprocessor.candidates(outputs, batch.image_sizes)
         detections = model.postprocessor.select(*candidates, batch.image_sizes, original_sizes)
         boxes, scores, labels, valid = candidates
         boxes = scale_to_original(boxes, batch.image_sizes, original_sizes)

@@ -32,6 +32,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from ..config import Config, load_config
 from ..data.collate import Batch
 from ..model.build import build_model
+from ..model.head import HeadOutputs
 from ..model.retinanet import RetinaNet
 from .optim import build_optimizer, create_optimizer
 from .precision import autocast, grad_scaler, resolve_amp
@@ -222,7 +223,7 @@ def benchmark_postprocess(
     sizes = torch.tensor([[height, width]] * batch, device=device)
 
     def ours_step() -> None:
-        ours.postprocessor(cls_logits, box_deltas, anchors, per_level, sizes, sizes)
+        ours.postprocessor(HeadOutputs(cls_logits, box_deltas, anchors, per_level), sizes, sizes)
 
     split_outputs = {
         "cls_logits": list(cls_logits.split(per_level, dim=1)),

@@ -16,7 +16,8 @@ from ..data import Batch, CocoDetection
 from ..data.build import build_test_loader
 from ..data.classes import ClassInfo
 from ..data.collate import raise_on_bad_images
-from ..model.retinanet import HeadOutputs, RetinaNet
+from ..model.head import HeadOutputs
+from ..model.retinanet import RetinaNet
 from .coco_metrics import (
     CocoMetrics,
     detections_to_coco_results,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from ..config import Config, LossConfig
 from .anchors import AnchorGenerator
 from .backbone import ResNetBackbone
@@ -50,40 +52,17 @@ def build_model(cfg: Config, num_classes: int, load_backbone_weights: bool = Tru
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     m = cfg.model
-    backbone = ResNetBackbone(
-        depth=m.backbone.depth,
-        norm=m.backbone.norm,
-        norm_eps=m.backbone.norm_eps,
-        freeze_at=m.backbone.freeze_at,
-        stride_in_1x1=m.backbone.stride_in_1x1,
-        blocks=m.backbone.blocks,
-        weights=(m.backbone.weights or None) if load_backbone_weights else None,
-    )
+    # The backbone, anchors, head, matcher and inference sections hold exactly their part's
+    # keyword arguments (tests/model/test_build.py checks that every key reaches its part).
+    weights = (m.backbone.weights or None) if load_backbone_weights else None
+    backbone = ResNetBackbone(**{**asdict(m.backbone), "weights": weights})
     fpn = FeaturePyramid(backbone.out_channels, m.fpn.channels, m.fpn.p6_source, m.fpn.norm or None)
-    anchor_generator = AnchorGenerator(
-        sizes=m.anchors.sizes,
-        strides=fpn.strides,
-        scales=m.anchors.scales,
-        aspect_ratios=m.anchors.aspect_ratios,
-        offset=m.anchors.offset,
-        quantize=m.anchors.quantize,
-        stride_from_feature_size=m.anchors.stride_from_feature_size,
-    )
+    anchor_generator = AnchorGenerator(strides=fpn.strides, **asdict(m.anchors))
     head = RetinaNetHead(
-        fpn.out_channels,
-        anchor_generator.num_anchors_per_location,
-        num_classes,
-        num_convs=m.head.num_convs,
-        norm=m.head.norm or None,
-        prior_probability=m.head.prior_probability,
+        fpn.out_channels, anchor_generator.num_anchors_per_location, num_classes, **asdict(m.head)
     )
     box_coder = BoxCoder(tuple(m.box_weights), m.box_scale_clamp)
-    matcher = AnchorMatcher(
-        m.matcher.fg_iou_threshold,
-        m.matcher.bg_iou_threshold,
-        m.matcher.allow_low_quality_matches,
-        m.matcher.crowd_ioa_threshold,
-    )
+    matcher = AnchorMatcher(**asdict(m.matcher))
     criterion = RetinaNetCriterion(
         matcher,
         box_coder,
@@ -97,13 +76,7 @@ def build_model(cfg: Config, num_classes: int, load_backbone_weights: bool = Tru
         ema_momentum=cfg.loss.ema_momentum,
         ema_initial=cfg.loss.ema_initial,
     )
-    postprocessor = DetectionPostprocessor(
-        box_coder,
-        score_threshold=m.inference.score_threshold,
-        topk_candidates=m.inference.topk_candidates,
-        nms_threshold=m.inference.nms_threshold,
-        max_detections=m.inference.max_detections,
-    )
+    postprocessor = DetectionPostprocessor(box_coder, **asdict(m.inference))
     return RetinaNet(
         backbone,
         fpn,

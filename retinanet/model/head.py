@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,17 @@ from .norm import make_norm
 
 # pi, the foreground probability every anchor starts with: a probability strictly inside (0, 1)
 PRIOR_PROBABILITY_RANGE = Interval(0.0, 1.0, low_open=True, high_open=True)
+
+
+class HeadOutputs(NamedTuple):
+    """What the detector's forward returns: the head's outputs for every anchor, with the
+    anchors. cls_logits (B, A, K) fp32; box_deltas (B, A, 4) fp32; anchors (A, 4) xyxy in input
+    pixels, shared by the batch; num_anchors_per_level: anchors of P3, P4, ... (they sum to A)."""
+
+    cls_logits: Tensor
+    box_deltas: Tensor
+    anchors: Tensor
+    num_anchors_per_level: list[int]
 
 
 def _subnet(channels: int, num_convs: int, norm: str | None) -> nn.Sequential:

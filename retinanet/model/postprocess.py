@@ -24,6 +24,7 @@ from torchvision.ops import batched_nms
 
 from ..choices import Interval, check_range
 from .box_coding import BoxCoder
+from .head import HeadOutputs
 
 SCORE_THRESHOLD_RANGE = Interval(0.0, 1.0, high_open=True)
 
@@ -203,20 +204,17 @@ class DetectionPostprocessor:
         return -math.inf
 
     def candidates(
-        self,
-        cls_logits: Tensor,
-        box_deltas: Tensor,
-        anchors: Tensor,
-        num_anchors_per_level: Sequence[int],
-        image_sizes: Tensor,
+        self, outputs: HeadOutputs, image_sizes: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Top candidates of every level, batched over images.
 
-        cls_logits (B, A, K), box_deltas (B, A, 4), anchors (A, 4); image_sizes (B, 2) (H, W)
-        of the resized images. Returns boxes (B, N, 4) xyxy clipped to the resized image,
-        scores (B, N), labels (B, N), valid (B, N) bool, N = sum over levels of the top-k.
+        outputs: the model's (cls_logits (B, A, K), box_deltas (B, A, 4), anchors (A, 4), anchors
+        per level); image_sizes (B, 2) (H, W) of the resized images. Returns boxes (B, N, 4) xyxy
+        clipped to the resized image, scores (B, N), labels (B, N), valid (B, N) bool, N = sum
+        over levels of the top-k.
         """
-        batch, _, num_classes = cls_logits.shape
+        cls_logits, box_deltas, anchors, num_anchors_per_level = outputs
+        num_classes = cls_logits.shape[-1]
         logit_threshold = self.logit_threshold
         boxes, scores, labels, valid = [], [], [], []
         start = 0
@@ -238,21 +236,12 @@ class DetectionPostprocessor:
         return boxes, torch.cat(scores, dim=1), torch.cat(labels, dim=1), torch.cat(valid, dim=1)
 
     def __call__(
-        self,
-        cls_logits: Tensor,
-        box_deltas: Tensor,
-        anchors: Tensor,
-        num_anchors_per_level: Sequence[int],
-        image_sizes: Tensor,
-        original_sizes: Tensor,
+        self, outputs: HeadOutputs, image_sizes: Tensor, original_sizes: Tensor
     ) -> list[dict[str, Tensor]]:
         """Detections per image: `boxes` (N, 4) float32 xyxy in original-image pixels, `scores`
         (N,) sorted in decreasing order, `labels` (N,) int64 class indices in [0, K).
         image_sizes, original_sizes: (B, 2) (H, W) of the resized and the original images."""
-        candidates = self.candidates(
-            cls_logits, box_deltas, anchors, num_anchors_per_level, image_sizes
-        )
-        return self.select(*candidates, image_sizes, original_sizes)
+        return self.select(*self.candidates(outputs, image_sizes), image_sizes, original_sizes)
 
     def select(
         self,

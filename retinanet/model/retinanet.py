@@ -4,7 +4,6 @@ with the focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,18 +12,8 @@ from .anchors import AnchorGenerator
 from .backbone import ResNetBackbone
 from .criterion import RetinaNetCriterion
 from .fpn import FeaturePyramid
-from .head import RetinaNetHead
+from .head import HeadOutputs, RetinaNetHead
 from .postprocess import DetectionPostprocessor
-
-
-class HeadOutputs(NamedTuple):
-    """cls_logits (B, A, K) fp32; box_deltas (B, A, 4) fp32; anchors (A, 4) xyxy in input pixels,
-    shared by the batch; num_anchors_per_level: anchors of P3, P4, ... (they sum to A)."""
-
-    cls_logits: Tensor
-    box_deltas: Tensor
-    anchors: Tensor
-    num_anchors_per_level: list[int]
 
 
 class RetinaNet(nn.Module):
@@ -119,14 +108,7 @@ class RetinaNet(nn.Module):
         self, outputs: HeadOutputs, image_sizes: Tensor, original_sizes: Tensor
     ) -> list[dict[str, Tensor]]:
         """Detections per image with boxes in original-image pixels (see DetectionPostprocessor)."""
-        return self.postprocessor(
-            outputs.cls_logits,
-            outputs.box_deltas,
-            outputs.anchors,
-            outputs.num_anchors_per_level,
-            image_sizes,
-            original_sizes,
-        )
+        return self.postprocessor(outputs, image_sizes, original_sizes)
 
     @torch.no_grad()
     def predict(self, images: Tensor, image_sizes: Tensor, original_sizes: Tensor | None = None):

@@ -81,3 +81,30 @@ def test_label_smoothing_reaches_the_criterion():
 def test_no_classes_is_an_error():
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         build_model(load_config(SHAPES, SMALL), num_classes=0)
+
+
+def test_sections_passed_whole_reach_their_parts():
+    overrides = [
+        "model.backbone.norm_eps=0.001",
+        "model.backbone.freeze_at=1",
+        "model.anchors.sizes=[8,16,32,64,128]",
+        "model.anchors.offset=0.5",
+        "model.head.num_convs=2",
+        "model.matcher.fg_iou_threshold=0.6",
+        "model.matcher.crowd_ioa_threshold=0.7",
+        "model.inference.score_threshold=0.2",
+        "model.inference.max_detections=7",
+    ]
+    model = build_model(load_config(SHAPES, [*SMALL, *overrides]), num_classes=3)
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.eps == 0.001 for m in norms)
+    stem = model.backbone.stem.parameters()
+    assert not any(p.requires_grad for p in stem)
+    assert all(p.requires_grad for p in model.backbone.res2.parameters())
+    assert model.anchor_generator.sizes == [8, 16, 32, 64, 128]
+    assert model.anchor_generator.offset == 0.5
+    assert len(model.head.cls_subnet) == 2  # one (conv, norm, ReLU) block per layer
+    matcher = model.criterion.matcher
+    assert (matcher.fg_iou_threshold, matcher.crowd_ioa_threshold) == (0.6, 0.7)
+    post = model.postprocessor
+    assert (post.score_threshold, post.max_detections) == (0.2, 7)

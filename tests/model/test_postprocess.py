@@ -9,6 +9,7 @@ from torchvision.models.detection.retinanet import RetinaNet as TorchvisionRetin
 
 from retinanet.model.anchors import AnchorGenerator
 from retinanet.model.box_coding import BoxCoder
+from retinanet.model.head import HeadOutputs
 from retinanet.model.postprocess import DetectionPostprocessor
 
 FEATURE_SIZES = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # a 128 x 192 padded batch
@@ -58,7 +59,8 @@ def test_matches_torchvision(score_threshold, topk, nms_threshold, max_detection
     postprocess = DetectionPostprocessor(
         BoxCoder(), score_threshold, topk, nms_threshold, max_detections
     )
-    ours = postprocess(cls_logits, box_deltas, anchors, counts, image_sizes, original_sizes)
+    outputs = HeadOutputs(cls_logits, box_deltas, anchors, counts)
+    ours = postprocess(outputs, image_sizes, original_sizes)
 
     reference = _torchvision_postprocessor(score_threshold, topk, nms_threshold, max_detections)
     head_outputs = {
@@ -94,9 +96,8 @@ def test_single_detection_is_clipped_and_scaled_to_the_original_image():
     cls_logits, box_deltas, anchors = _single_anchor_case(2.0)
     postprocess = DetectionPostprocessor(BoxCoder())
     # Resized image 50 x 100 (H x W) of an original 100 x 400: x scales by 4, y by 2.
-    detections = postprocess(
-        cls_logits, box_deltas, anchors, [2], torch.tensor([[50, 100]]), torch.tensor([[100, 400]])
-    )[0]
+    outputs = HeadOutputs(cls_logits, box_deltas, anchors, [2])
+    detections = postprocess(outputs, torch.tensor([[50, 100]]), torch.tensor([[100, 400]]))[0]
     assert detections["labels"].tolist() == [1]
     assert detections["scores"].tolist() == pytest.approx([1 / (1 + math.exp(-2.0))])
     # Anchor [-10, 20, 30, 60] clipped to [0, 0, 100, 50] -> [0, 20, 30, 50], then scaled.
@@ -111,7 +112,7 @@ def test_score_threshold_is_strict():
     sizes = torch.tensor([[100, 100]])
     for offset, expected in [(-1e-4, 0), (1e-4, 1)]:
         cls_logits, box_deltas, anchors = _single_anchor_case(logit + offset)
-        found = postprocess(cls_logits, box_deltas, anchors, [2], sizes, sizes)[0]
+        found = postprocess(HeadOutputs(cls_logits, box_deltas, anchors, [2]), sizes, sizes)[0]
         assert len(found["boxes"]) == expected
 
 
@@ -123,8 +124,8 @@ def test_nms_is_per_class():
     same = torch.tensor([[[3.0, -20.0], [2.0, -20.0]]])
     different = torch.tensor([[[3.0, -20.0], [-20.0, 2.0]]])
     deltas = torch.zeros(1, 2, 4)
-    kept_same = postprocess(same, deltas, anchors, [2], sizes, sizes)[0]
-    kept_different = postprocess(different, deltas, anchors, [2], sizes, sizes)[0]
+    kept_same = postprocess(HeadOutputs(same, deltas, anchors, [2]), sizes, sizes)[0]
+    kept_different = postprocess(HeadOutputs(different, deltas, anchors, [2]), sizes, sizes)[0]
     assert kept_same["labels"].tolist() == [0]
     assert kept_different["labels"].tolist() == [0, 1]
 
@@ -132,9 +133,8 @@ def test_nms_is_per_class():
 def test_no_candidates_gives_empty_detections():
     cls_logits, box_deltas, anchors = _single_anchor_case(-10.0)
     sizes = torch.tensor([[100, 100], [100, 100]])
-    detections = DetectionPostprocessor(BoxCoder())(
-        cls_logits.expand(2, -1, -1), box_deltas.expand(2, -1, -1), anchors, [2], sizes, sizes
-    )
+    outputs = HeadOutputs(cls_logits.expand(2, -1, -1), box_deltas.expand(2, -1, -1), anchors, [2])
+    detections = DetectionPostprocessor(BoxCoder())(outputs, sizes, sizes)
     for d in detections:
         assert d["boxes"].shape == (0, 4) and d["scores"].shape == (0,)
         assert d["labels"].shape == (0,)
@@ -236,7 +236,8 @@ def test_padded_path_gives_the_eager_detections(
         score_threshold, topk, nms_threshold, max_detections
     )
     image_sizes = torch.tensor([[120, 190], [100, 150]])
-    eager = postprocess(cls_logits, box_deltas, anchors, counts, image_sizes, image_sizes)
+    outputs = HeadOutputs(cls_logits, box_deltas, anchors, counts)
+    eager = postprocess(outputs, image_sizes, image_sizes)
     padded = postprocess.padded(
         cls_logits.split(counts, dim=1),
         box_deltas.split(counts, dim=1),
@@ -251,9 +252,8 @@ def test_padded_path_with_one_size_for_the_batch_and_no_candidates():
     postprocess, cls_logits, box_deltas, anchors, counts = _split_inputs()
     cls_logits[1] = -20.0  # the second image has nothing above the threshold
     size = torch.tensor([[128, 160]])
-    eager = postprocess(
-        cls_logits, box_deltas, anchors, counts, size.expand(2, 2), size.expand(2, 2)
-    )
+    outputs = HeadOutputs(cls_logits, box_deltas, anchors, counts)
+    eager = postprocess(outputs, size.expand(2, 2), size.expand(2, 2))
     padded = postprocess.padded(
         cls_logits.split(counts, dim=1),
         box_deltas.split(counts, dim=1),
