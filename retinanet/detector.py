@@ -8,7 +8,9 @@ images and returns detections in original-image pixels.
         print(det.boxes, det.scores, det.names)
 
 Images go through the test-time resize and padding of evaluation and the precision the
-checkpoint's config asks for (precision.amp), so the detections are those `retinanet eval` scores.
+checkpoint's config asks for (precision.amp), so the detections are those `retinanet eval` scores
+(up to float rounding: from_checkpoint folds the backbone's frozen norms into its convolutions,
+which is faster; fold_norms=False keeps the network exactly as evaluation runs it).
 """
 
 from __future__ import annotations
@@ -148,14 +150,18 @@ class Detector:
         config: str | os.PathLike | None = None,
         overrides: Sequence[str] = (),
         batch_size: int = 4,
+        fold_norms: bool = True,
     ) -> Detector:
         """A detector from a checkpoint of ours (a training's or tools/convert.py's), loaded
         without running code from the file (torch.load weights_only). The architecture, resize
         and precision come from the config stored in it, or from `config` (a YAML file) when
         given, plus `overrides` ("key=value"); the classes always come from the checkpoint.
-        device: auto (CUDA when available), cpu, cuda or cuda:N."""
+        device: auto (CUDA when available), cpu, cuda or cuda:N. fold_norms: fold the
+        backbone's BatchNorms into its convolutions (`RetinaNet.fold_norms`)."""
         torch_device = resolve_device(device)
         model, cfg, classes = load_trained_model(path, config, list(overrides), torch_device)
+        if fold_norms:
+            model.eval().fold_norms()
         return cls(
             model,
             classes,

@@ -193,6 +193,16 @@ def test_precision_and_config_from_the_checkpoint(checkpoint, detector):
         Detector.from_checkpoint(checkpoint, device="cpu", overrides=["precision.amp=fp16"])
 
 
+def test_from_checkpoint_folds_the_backbone_norms(checkpoint, detector):
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.model.modules())
+    exact = Detector.from_checkpoint(
+        checkpoint, device="cpu", score_threshold=0.0, fold_norms=False
+    )
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in exact.model.modules())
+    image = scene(96, 128, seed=3)
+    assert_same(detector(image), exact(image), box_atol=1e-3, score_atol=1e-5)
+
+
 def test_the_score_threshold_drops_weaker_detections(checkpoint, detector):
     image = scene(96, 128, seed=8)
     everything = detector(image)

@@ -24,6 +24,7 @@ value was frozen (PyTorch's own batch-size check, which only raises, excepted).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import warnings
@@ -154,7 +155,9 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     batch_size: int | None = None,
 ) -> Path:
-    """Write `model` (moved to the CPU, fp32) as an ONNX file; batch_size None = dynamic.
+    """Write `model` as an ONNX file: a copy of it on the CPU in fp32, in eval mode, with its
+    backbone's BatchNorms folded into the convolutions (`RetinaNet.fold_norms`); `model` itself
+    is left as it is. batch_size None = dynamic.
     min_size, max_size: the test-time resize (input.test_min_size / test_max_size), stored
     in the metadata for the caller. Returns the path."""
     import onnx  # the export extra: pip install -e ".[export]"
@@ -165,8 +168,7 @@ def export_onnx(
         raise ValueError(f"opset {opset} is too old: NonMaxSuppression and dynamic TopK need 11+")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval().fold_norms()
     wrapper = ExportableRetinaNet(model, size_divisibility, classes.category_ids).eval()
     # A trace input whose sides are not multiples of the divisibility (the padding is traced
     # non-zero) and a batch of 2 unless fixed (nothing specialises on a batch of one).
@@ -189,7 +191,6 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
-    model.train(was_training)
     frozen = [
         w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and not _only_checks(w)
     ]

@@ -376,6 +376,7 @@ TORCHVISION = "torchvision"
 SIZE_DIVISIBILITY = 32
 CONTENDERS = (
     TORCHVISION,
+    "ours_fp32_unfolded",
     "ours_fp32",
     "ours_fp32_channels_last",
     "ours_bf16",
@@ -474,9 +475,11 @@ def benchmark_inference(
 ) -> InferenceThroughput:
     """R50-FPN detection from 0-255 RGB pixels of (height, width) to detections (normalising,
     padding, network, postprocessing; no resize, the images already have the size), images
-    per second at each batch size: torchvision's eager model against ours eager in fp32 (as
-    loaded, and channels-last), in bf16 (channels-last; only where the device computes bf16
-    natively), with the network compiled (inductor, fp32) and exported to ONNX Runtime.
+    per second at each batch size: torchvision's eager model against ours as the Detector runs
+    it (frozen norms folded into the convolutions) eager in fp32 (NCHW, and channels-last), in
+    bf16 (channels-last; only where the device computes bf16 natively), with the network
+    compiled (inductor, fp32) and exported to ONNX Runtime; and ours eager fp32 as loaded
+    (ours_fp32_unfolded: the same network as torchvision's, layer for layer).
     Contenders alternate call by call after one warm-up call each; a contender that cannot run
     is skipped with the reason. Weights are random (the same in every contender), so the class
     scores stay near the prior 0.01 and postprocessing has almost nothing to keep."""
@@ -484,7 +487,8 @@ def benchmark_inference(
     if unknown or TORCHVISION not in contenders:
         raise ValueError(f"contenders must include {TORCHVISION!r} and be among {CONTENDERS}, "
                          f"got unknown {unknown}")  # fmt: skip
-    reference, ours = same_r50_models(device, height, width, seed=seed)
+    reference, unfolded = same_r50_models(device, height, width, seed=seed)
+    ours = copy.deepcopy(unfolded).fold_norms()
     result = InferenceThroughput(
         f"R50-FPN inference, {height}x{width}, {device.type}", {name: {} for name in contenders}
     )
@@ -493,7 +497,9 @@ def benchmark_inference(
     amp = resolve_amp("auto", device)
     for name in contenders:
         try:
-            if name == "ours_fp32":
+            if name == "ours_fp32_unfolded":
+                models[name] = unfolded
+            elif name == "ours_fp32":
                 models[name] = ours
             elif name == "ours_fp32_channels_last":
                 models[name] = copy.deepcopy(ours).use_channels_last()

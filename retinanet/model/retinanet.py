@@ -13,6 +13,7 @@ from .backbone import ResNetBackbone
 from .criterion import RetinaNetCriterion
 from .fpn import FeaturePyramid
 from .head import HeadOutputs, RetinaNetHead
+from .norm import fold_norms_into_convs
 from .postprocess import DetectionPostprocessor
 
 
@@ -60,6 +61,13 @@ class RetinaNet(nn.Module):
         on CPUs with oneDNN and on tensor cores."""
         self.channels_last = enabled
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    def fold_norms(self) -> RetinaNet:
+        """For inference only: fold the backbone's BatchNorms with fixed statistics into the
+        convolutions before them (see `fold_norms_into_convs`). Detections equal the unfolded
+        model's up to float rounding; the model must not be trained afterwards."""
+        fold_norms_into_convs(self.backbone)
+        return self
 
     @property
     def num_classes(self) -> int:

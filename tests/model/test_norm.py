@@ -72,3 +72,48 @@ def test_group_norm_dispatch_keeps_layouts():
     assert layer(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
         memory_format=torch.channels_last
     )
+
+
+def _backbone_with_random_statistics(norm: str):
+    from retinanet.model.backbone import ResNetBackbone
+
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(depth=18, norm=norm, freeze_at=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, FrozenBatchNorm2d | nn.BatchNorm2d):
+                c = m.running_mean.numel()
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return backbone
+
+
+def test_folding_norms_into_convs_keeps_the_outputs():
+    from retinanet.model.norm import fold_norms_into_convs
+
+    x = torch.randn(2, 3, 64, 96)
+    for norm, kind in (("frozen_bn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d)):
+        backbone = _backbone_with_random_statistics(norm)
+        with torch.no_grad():
+            expected = backbone(x)
+            # ResNet-18: stem, 2 per block x 8 blocks, 3 downsample branches
+            assert fold_norms_into_convs(backbone) == 1 + 16 + 3
+            got = backbone(x)
+        assert not any(isinstance(m, kind) for m in backbone.modules())
+        assert len(got) == len(expected) == 3  # C3, C4, C5
+        for level, reference in zip(got, expected, strict=True):
+            scale = float(reference.abs().max())
+            torch.testing.assert_close(level, reference, rtol=0, atol=1e-5 * scale)
+
+
+def test_a_batchnorm_still_training_is_not_folded():
+    from retinanet.model.norm import fold_norms_into_convs
+
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    assert fold_norms_into_convs(block) == 0 and isinstance(block[1], nn.BatchNorm2d)
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), FrozenBatchNorm2d(4), nn.ReLU())
+    assert fold_norms_into_convs(frozen) == 1
+    assert isinstance(frozen[1], nn.Identity) and frozen[0].bias is not None
