@@ -15,7 +15,7 @@ from ..model.losses import (
     LABEL_SMOOTHING_RANGE,
     RAMP_FRACTION_RANGE,
 )
-from .schema import Config
+from .schema import Config, LossConfig
 
 
 class ConfigError(ValueError):
@@ -68,30 +68,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.fpn.channels", cfg.model.fpn.channels > 0, "positive"),
         ("model.anchors.sizes", len(cfg.model.anchors.sizes) == 5, "5 sizes, one per level P3-P7"),
         ("model.box_weights", len(cfg.model.box_weights) == 4, "4 numbers"),
-        *_in_range("loss.gamma", cfg.loss.gamma, GAMMA_RANGE),
-        *_in_range("loss.alpha", cfg.loss.alpha, ALPHA_RANGE, "or null"),
-        *_in_range("loss.alpha_start", cfg.loss.alpha_start, ALPHA_RANGE, "or null"),
-        (
-            "loss.alpha_start",
-            cfg.loss.alpha_start is None
-            or (cfg.loss.alpha is not None and cfg.loss.gamma_schedule is not None),
-            "null, or set with a gamma schedule (loss.gamma_schedule) and a loss.alpha",
-        ),
-        *_in_range("loss.gamma_start", cfg.loss.gamma_start, GAMMA_RANGE),
-        *_in_range("loss.gamma_ramp_fraction", cfg.loss.gamma_ramp_fraction, RAMP_FRACTION_RANGE),
-        *_in_range("loss.label_smoothing", cfg.loss.label_smoothing, LABEL_SMOOTHING_RANGE),
-        (
-            "loss.label_smoothing",
-            cfg.loss.label_smoothing == 0
-            or (
-                cfg.loss.modulation == "power"
-                and cfg.loss.gamma == 0
-                and cfg.loss.gamma_schedule is None
-            ),
-            "0 unless the loss is cross-entropy (loss.modulation=power, loss.gamma=0, no schedule)",
-        ),
-        *_in_range("loss.cos_scale", cfg.loss.cos_scale, COS_SCALE_RANGE),
-        *_in_range("loss.gaussian_s", cfg.loss.gaussian_s, GAUSSIAN_S_RANGE),
+        *_loss_checks(cfg.loss),
         (
             "input.min_size",
             len(cfg.input.min_size) > 0 and min(cfg.input.min_size) > 0,
@@ -144,6 +121,32 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ),
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
         ("train.early_stop_patience", cfg.train.early_stop_patience >= 0, ">= 0 (0: off)"),
+    ]
+
+
+def _loss_checks(loss: LossConfig) -> list[tuple[str, bool, str]]:
+    """`_checks` of the loss section."""
+    return [
+        *_in_range("loss.gamma", loss.gamma, GAMMA_RANGE),
+        *_in_range("loss.alpha", loss.alpha, ALPHA_RANGE, "or null"),
+        *_in_range("loss.alpha_start", loss.alpha_start, ALPHA_RANGE, "or null"),
+        (
+            "loss.alpha_start",
+            loss.alpha_start is None
+            or (loss.alpha is not None and loss.gamma_schedule is not None),
+            "null, or set with a gamma schedule (loss.gamma_schedule) and a loss.alpha",
+        ),
+        *_in_range("loss.gamma_start", loss.gamma_start, GAMMA_RANGE),
+        *_in_range("loss.gamma_ramp_fraction", loss.gamma_ramp_fraction, RAMP_FRACTION_RANGE),
+        *_in_range("loss.label_smoothing", loss.label_smoothing, LABEL_SMOOTHING_RANGE),
+        (
+            "loss.label_smoothing",
+            loss.label_smoothing == 0
+            or (loss.modulation == "power" and loss.gamma == 0 and loss.gamma_schedule is None),
+            "0 unless the loss is cross-entropy (loss.modulation=power, loss.gamma=0, no schedule)",
+        ),
+        *_in_range("loss.cos_scale", loss.cos_scale, COS_SCALE_RANGE),
+        *_in_range("loss.gaussian_s", loss.gaussian_s, GAUSSIAN_S_RANGE),
     ]
 
 
