@@ -9,7 +9,7 @@ images and returns detections in original-image pixels.
 
 Images go through the test-time resize and padding of evaluation and the precision the
 checkpoint's config asks for (precision.amp), so the detections are those `retinanet eval` scores
-(up to float rounding: from_checkpoint folds the backbone's frozen norms into its convolutions,
+(up to float rounding: from_checkpoint folds the backbone's BatchNorms into its convolutions,
 which is faster; fold_norms=False keeps the network exactly as evaluation runs it).
 """
 
@@ -161,7 +161,7 @@ class Detector:
         torch_device = resolve_device(device)
         model, cfg, classes = load_trained_model(path, config, list(overrides), torch_device)
         if fold_norms:
-            model.eval().fold_norms()
+            model.fold_norms()
         return cls(
             model,
             classes,

@@ -184,6 +184,9 @@ def test_missing_and_malformed_files(tmp_path):
         ("model.backbone.depth=20", "model.backbone.depth"),
         ("loss.alpha=1.5", "loss.alpha"),
         ("loss.alpha_start=0.75", "loss.alpha_start"),
+        ("loss.gamma_start=-1", "loss.gamma_start"),
+        ("loss.gamma_ramp_fraction=0", "loss.gamma_ramp_fraction"),
+        ("model.inference.score_threshold=1", "model.inference.score_threshold"),
         ("model.anchors.sizes=[32, 64]", "model.anchors.sizes"),
         ("input.pixel_std=[1.0, 0.0, 1.0]", "input.pixel_std"),
     ],
@@ -191,6 +194,11 @@ def test_missing_and_malformed_files(tmp_path):
 def test_choices_and_ranges_are_validated(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'( \\(.*\\))? must be"):
         load_config(None, [override])
+
+
+def test_a_gamma_schedule_needs_the_power_modulation():
+    with pytest.raises(ConfigError, match="'loss.gamma_schedule' must be null unless"):
+        load_config(None, ["loss.modulation=exponential", "loss.gamma_schedule=linear"])
 
 
 def test_malformed_override():

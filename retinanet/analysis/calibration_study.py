@@ -93,7 +93,15 @@ SCORE_SETS = {
 }
 CALIBRATION_FILENAME = "calibration.json"
 # The loss settings a record keeps from the checkpoint's config.
-LOSS_KEYS = ("modulation", "gamma", "alpha", "label_smoothing")
+LOSS_KEYS = (
+    "modulation",
+    "gamma",
+    "alpha",
+    "label_smoothing",
+    "gamma_schedule",
+    "gamma_start",
+    "alpha_start",
+)
 TABLE_COLUMNS = (
     "model",
     "checkpoint",
@@ -508,13 +516,18 @@ def write_calibration_table(
 
 
 def loss_label(row: Mapping[str, Any]) -> str:
-    """The training loss of a table row in words: "CE", "CE + LS 0.1", "FL γ 2", "FLSD-53",
-    or the modulation's name for the other factors."""
+    """The training loss of a table row in words: "CE", "CE + LS 0.1", "FL γ 2", "FL γ 0→2
+    (linear, α 0.75→)", "FLSD-53", or the modulation's name for the other factors."""
     smoothing = row.get("label_smoothing") or 0
     if row["modulation"] == "flsd":
         return "FLSD-53"
     if row["modulation"] != "power":
         return str(row["modulation"])
+    if row.get("gamma_schedule"):
+        ramp = row["gamma_schedule"]
+        if row.get("alpha_start") is not None:
+            ramp += f", α {row['alpha_start']:g}→"
+        return f"FL γ {row['gamma_start']:g}→{row['gamma']:g} ({ramp})"
     if row["gamma"] == 0:
         return "CE" + (f" + LS {smoothing:g}" if smoothing else "")
     return f"FL γ {row['gamma']:g}"
@@ -545,7 +558,16 @@ def write_seed_summary(
     for record in records:
         groups.setdefault(setting_of_run(record["model"]), []).append(_table_row(record))
     if all(len(rows) < 2 for rows in groups.values()):
+        for suffix in (".csv", ".md"):  # not left over from an earlier run with seeds
+            (Path(output_dir) / f"calibration_by_setting{suffix}").unlink(missing_ok=True)
         return None
+    for setting, rows in groups.items():
+        losses = {(loss_label(row), row["alpha"]) for row in rows}
+        if len(losses) > 1:
+            raise ValueError(
+                f"the runs of setting {setting!r} were trained with different losses "
+                f"{sorted(map(str, losses))}; give them different names"
+            )
     columns = ["setting", "loss", "alpha", "seeds"]
     columns += [f"{key}{part}" for _, key, _ in SUMMARY_COLUMNS for part in ("", "_std")]
     header = ["setting", "loss", "α", "seeds", *(title for title, _, _ in SUMMARY_COLUMNS)]

@@ -34,8 +34,9 @@ def fixed(value: float | None, digits: int) -> str:
 
 def mean_and_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     """Mean and standard deviation (n - 1 in the denominator) of the values that are not None
-    or NaN; None where there are too few (the mean of none, the deviation of fewer than two)."""
-    present = [v for v in values if v is not None and not math.isnan(v)]
+    (a NaN stays in and makes both NaN: a diverged run is not silently dropped); None where
+    there are too few (the mean of none, the deviation of fewer than two)."""
+    present = [v for v in values if v is not None]
     mean = statistics.fmean(present) if present else None
     return mean, statistics.stdev(present) if len(present) > 1 else None
 

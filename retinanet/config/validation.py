@@ -15,6 +15,7 @@ from ..model.losses import (
     LABEL_SMOOTHING_RANGE,
     RAMP_FRACTION_RANGE,
 )
+from ..model.postprocess import SCORE_THRESHOLD_RANGE
 from .schema import Config, LossConfig
 
 
@@ -94,10 +95,10 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.eval_period", cfg.train.eval_period >= 0, ">= 0 (0: only at the end)"),
         ("train.clip_grad_norm", cfg.train.clip_grad_norm >= 0, ">= 0 (0: off)"),
         ("eval.batch_size", cfg.eval.batch_size > 0, "positive"),
-        (
+        *_in_range(
             "model.inference.score_threshold",
-            0 <= cfg.model.inference.score_threshold < 1,
-            "in [0, 1)",
+            cfg.model.inference.score_threshold,
+            SCORE_THRESHOLD_RANGE,
         ),
         ("model.inference.nms_threshold", 0 < cfg.model.inference.nms_threshold <= 1, "in (0, 1]"),
         ("model.inference.topk_candidates", cfg.model.inference.topk_candidates > 0, "positive"),
@@ -130,6 +131,11 @@ def _loss_checks(loss: LossConfig) -> list[tuple[str, bool, str]]:
         *_in_range("loss.gamma", loss.gamma, GAMMA_RANGE),
         *_in_range("loss.alpha", loss.alpha, ALPHA_RANGE, "or null"),
         *_in_range("loss.alpha_start", loss.alpha_start, ALPHA_RANGE, "or null"),
+        (
+            "loss.gamma_schedule",
+            loss.gamma_schedule is None or loss.modulation == "power",
+            "null unless loss.modulation is power (a schedule moves (1 - p_t)^gamma's gamma)",
+        ),
         (
             "loss.alpha_start",
             loss.alpha_start is None

@@ -171,12 +171,11 @@ class GammaSchedule:
 
     def __post_init__(self) -> None:
         check_choice(self.shape, GammaShape, "gamma schedule shape")
-        if min(self.start, self.end) < 0 or not 0 < self.ramp_fraction <= 1:
-            raise ValueError("gamma schedule needs gammas >= 0 and 0 < ramp_fraction <= 1")
-        if self.alpha_start is not None and not 0 <= self.alpha_start <= 1:
-            raise ValueError(
-                f"gamma schedule alpha_start must be in [0, 1], got {self.alpha_start}"
-            )
+        check_range(self.start, GAMMA_RANGE, "gamma schedule start")
+        check_range(self.end, GAMMA_RANGE, "gamma schedule end")
+        check_range(self.ramp_fraction, RAMP_FRACTION_RANGE, "gamma schedule ramp_fraction")
+        if self.alpha_start is not None:
+            check_range(self.alpha_start, ALPHA_RANGE, "gamma schedule alpha_start")
 
     def ramp_at(self, progress: float) -> float:
         """How far along the ramp training is at `progress`: 0 at its start, 1 at its end."""

@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBatchNorm2d
 
 NormKind = Literal["frozen_bn", "bn", "sync_bn", "gn"]
@@ -69,16 +70,20 @@ def fold_norms_into_convs(module: nn.Module) -> int:
     """Fold every BatchNorm with fixed statistics (frozen, or nn.BatchNorm2d / SyncBatchNorm in
     eval mode) that directly follows a convolution into that convolution, for inference: the
     convolution's weight is scaled and its bias shifted so that it outputs what the pair did,
-    and the norm becomes an Identity. One memory pass less per norm (about 1.25x faster R50-FPN
-    inference on CPU in fp32); outputs equal the unfolded network's up to float rounding.
-    "Directly follows": convK / bnK of torchvision's ResNet blocks and neighbours in an
-    nn.Sequential (the stem, downsample branches). A trainable BatchNorm in training mode is
-    left alone (its statistics still change). Returns the number of norms folded."""
+    and the norm becomes an Identity. One memory pass less per norm (R50-FPN inference in fp32
+    on a CPU: about 1.2x faster); outputs equal the unfolded network's up to float rounding.
+    "Directly follows": convK / bnK of torchvision's ResNet blocks (BasicBlock, Bottleneck), whose
+    forward applies bnK to convK's output and nothing else reads it, and neighbours in an
+    nn.Sequential (the stem, downsample branches). A BatchNorm in training mode is left alone
+    (its statistics still change). Returns the number of norms folded."""
     folded = 0
     for parent in list(module.modules()):
-        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
         if isinstance(parent, nn.Sequential):
             pairs = [(str(i), str(i + 1)) for i in range(len(parent) - 1)]
+        elif isinstance(parent, BasicBlock | Bottleneck):
+            pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        else:
+            continue
         for conv_name, norm_name in pairs:
             conv = getattr(parent, conv_name, None)
             norm = getattr(parent, norm_name, None)

@@ -63,10 +63,11 @@ class RetinaNet(nn.Module):
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def fold_norms(self) -> RetinaNet:
-        """For inference only: fold the backbone's BatchNorms with fixed statistics into the
-        convolutions before them (see `fold_norms_into_convs`). Detections equal the unfolded
-        model's up to float rounding; the model must not be trained afterwards."""
-        fold_norms_into_convs(self.backbone)
+        """For inference only: put the model in eval mode and fold the backbone's BatchNorms
+        (frozen or trainable: in eval mode their statistics are fixed) into the convolutions
+        before them (see `fold_norms_into_convs`). Detections equal the unfolded model's up to
+        float rounding; the model must not be trained afterwards."""
+        fold_norms_into_convs(self.eval().backbone)
         return self
 
     @property

@@ -240,8 +240,12 @@ def test_seed_summary_groups_ablate_runs_by_setting(tmp_path):
     assert (rows["flsd53"]["loss"], rows["flsd53"]["d_ece_after_nms_std"]) == ("FLSD-53", "")
     markdown = paths["markdown"].read_text()
     assert "| focal_gamma2 | FL γ 2 | 0.25 | 3 |" in markdown and "0.120 ± 0.020" in markdown
-    # single runs only: nothing to summarise
-    assert write_seed_summary(records[:2], tmp_path / "single") is None
+    # single runs only: nothing to summarise, and no summary of an earlier run left behind
+    assert write_seed_summary(records[:2], tmp_path) is None
+    assert not paths["csv"].exists() and not paths["markdown"].exists()
+    mixed = [records[0], _record("focal_gamma2_seed1", 0.1, 0.3, flsd)]
+    with pytest.raises(ValueError, match="'focal_gamma2' were trained with different losses"):
+        write_seed_summary(mixed, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -252,6 +256,20 @@ def test_seed_summary_groups_ablate_runs_by_setting(tmp_path):
         ({"modulation": "power", "gamma": 3.0}, "FL γ 3"),
         ({"modulation": "flsd", "gamma": 2.0}, "FLSD-53"),
         ({"modulation": "gaussian", "gamma": 2.0}, "gaussian"),
+        (
+            {"modulation": "power", "gamma": 2.0, "gamma_schedule": "linear", "gamma_start": 0.0},
+            "FL γ 0→2 (linear)",
+        ),
+        (
+            {
+                "modulation": "power",
+                "gamma": 2.0,
+                "gamma_schedule": "cosine",
+                "gamma_start": 4.0,
+                "alpha_start": 0.75,
+            },
+            "FL γ 4→2 (cosine, α 0.75→)",
+        ),
     ],
 )
 def test_loss_label(loss, label):

@@ -191,6 +191,22 @@ def test_metadata_and_fixed_batch(shapes_checkpoint, shapes_onnx, tmp_path):
     assert [o.shape[0] for o in outputs] == [3, 3, 3, 3]
 
 
+def test_export_folds_the_norms_of_a_copy(shapes_checkpoint, shapes_onnx, tmp_path):
+    ops = {node.op_type for node in onnx.load(str(shapes_onnx)).graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops  # folded into the convolutions
+    model, cfg, classes = load_trained_model(shapes_checkpoint)
+    model.train()
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = (cfg.input.size_divisibility, 96, 160)
+    export_onnx(model, tmp_path / "copy.onnx", classes, *args)
+    # the caller's model keeps its mode, its norms and its weights
+    assert model.training and norms > 0
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == norms
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_export_refuses_a_graph_frozen_to_the_traced_size(shapes_checkpoint, monkeypatch, tmp_path):
     """A size read into Python (here: min() of top-k over a traced shape) would make the graph
     hold only for the traced input: the export fails instead of writing it."""

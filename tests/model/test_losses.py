@@ -274,7 +274,7 @@ def test_gamma_schedule_validation_and_fixed_factors():
         GammaSchedule(shape="step")
     with pytest.raises(ValueError, match="ramp_fraction"):
         GammaSchedule(ramp_fraction=0.0)
-    with pytest.raises(ValueError, match="gammas"):
+    with pytest.raises(ValueError, match="gamma schedule start must be >= 0"):
         GammaSchedule(start=-1.0)
     with pytest.raises(ValueError, match="alpha_start"):
         GammaSchedule(alpha_start=1.5)

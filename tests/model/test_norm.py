@@ -117,3 +117,19 @@ def test_a_batchnorm_still_training_is_not_folded():
     frozen = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), FrozenBatchNorm2d(4), nn.ReLU())
     assert fold_norms_into_convs(frozen) == 1
     assert isinstance(frozen[1], nn.Identity) and frozen[0].bias is not None
+
+
+def test_only_a_norm_that_consumes_the_conv_is_folded():
+    from retinanet.model.norm import fold_norms_into_convs
+
+    class PreActivation(nn.Module):  # bn1 normalises the input; conv1 comes after it
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.conv1 = FrozenBatchNorm2d(3), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv1(torch.relu(self.bn1(x)))
+
+    assert fold_norms_into_convs(PreActivation()) == 0
+    relu_between = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), FrozenBatchNorm2d(4))
+    assert fold_norms_into_convs(relu_between) == 0
