@@ -263,7 +263,7 @@ def calibrate_model(
     reliability diagram per score set (reliability_<set>.png) and returns the JSON record.
 
     The model is built from `config_path` plus `overrides` (default: the checkpoint's config);
-    The loss settings in the record (`LOSS_KEYS`) are those of the config stored in the
+    the loss settings in the record (`LOSS_KEYS`) are those of the config stored in the
     checkpoint, i.e. the ones it was trained with.
     """
     device = torch.device(device)
@@ -574,18 +574,10 @@ def write_seed_summary(
     csv_rows, cells = [], []
     for setting, rows in groups.items():
         stats = [mean_and_std([row[key] for row in rows]) for _, key, _ in SUMMARY_COLUMNS]
-        first = rows[0]
-        csv_rows.append(
-            [
-                setting,
-                loss_label(first),
-                first["alpha"],
-                len(rows),
-                *(v for pair in stats for v in pair),
-            ]
-        )
+        label, alpha = loss_label(rows[0]), rows[0]["alpha"]
+        csv_rows.append([setting, label, alpha, len(rows), *(v for pair in stats for v in pair)])
         cells.append(
-            [setting, loss_label(first), format_value(first["alpha"]), str(len(rows))]
+            [setting, label, format_value(alpha), str(len(rows))]
             + [
                 mean_std_cell(*pair, cell)
                 for pair, (_, _, cell) in zip(stats, SUMMARY_COLUMNS, strict=True)

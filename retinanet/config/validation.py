@@ -95,7 +95,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.eval_period", cfg.train.eval_period >= 0, ">= 0 (0: only at the end)"),
         ("train.clip_grad_norm", cfg.train.clip_grad_norm >= 0, ">= 0 (0: off)"),
         ("eval.batch_size", cfg.eval.batch_size > 0, "positive"),
-        *_in_range(
+        _in_range(
             "model.inference.score_threshold",
             cfg.model.inference.score_threshold,
             SCORE_THRESHOLD_RANGE,
@@ -103,7 +103,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.inference.nms_threshold", 0 < cfg.model.inference.nms_threshold <= 1, "in (0, 1]"),
         ("model.inference.topk_candidates", cfg.model.inference.topk_candidates > 0, "positive"),
         ("model.inference.max_detections", cfg.model.inference.max_detections > 0, "positive"),
-        *_in_range(
+        _in_range(
             "model.head.prior_probability",
             cfg.model.head.prior_probability,
             PRIOR_PROBABILITY_RANGE,
@@ -128,9 +128,9 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
 def _loss_checks(loss: LossConfig) -> list[tuple[str, bool, str]]:
     """`_checks` of the loss section."""
     return [
-        *_in_range("loss.gamma", loss.gamma, GAMMA_RANGE),
-        *_in_range("loss.alpha", loss.alpha, ALPHA_RANGE, "or null"),
-        *_in_range("loss.alpha_start", loss.alpha_start, ALPHA_RANGE, "or null"),
+        _in_range("loss.gamma", loss.gamma, GAMMA_RANGE),
+        _in_range("loss.alpha", loss.alpha, ALPHA_RANGE, "or null"),
+        _in_range("loss.alpha_start", loss.alpha_start, ALPHA_RANGE, "or null"),
         (
             "loss.gamma_schedule",
             loss.gamma_schedule is None or loss.modulation == "power",
@@ -142,24 +142,24 @@ def _loss_checks(loss: LossConfig) -> list[tuple[str, bool, str]]:
             or (loss.alpha is not None and loss.gamma_schedule is not None),
             "null, or set with a gamma schedule (loss.gamma_schedule) and a loss.alpha",
         ),
-        *_in_range("loss.gamma_start", loss.gamma_start, GAMMA_RANGE),
-        *_in_range("loss.gamma_ramp_fraction", loss.gamma_ramp_fraction, RAMP_FRACTION_RANGE),
-        *_in_range("loss.label_smoothing", loss.label_smoothing, LABEL_SMOOTHING_RANGE),
+        _in_range("loss.gamma_start", loss.gamma_start, GAMMA_RANGE),
+        _in_range("loss.gamma_ramp_fraction", loss.gamma_ramp_fraction, RAMP_FRACTION_RANGE),
+        _in_range("loss.label_smoothing", loss.label_smoothing, LABEL_SMOOTHING_RANGE),
         (
             "loss.label_smoothing",
             loss.label_smoothing == 0
             or (loss.modulation == "power" and loss.gamma == 0 and loss.gamma_schedule is None),
             "0 unless the loss is cross-entropy (loss.modulation=power, loss.gamma=0, no schedule)",
         ),
-        *_in_range("loss.cos_scale", loss.cos_scale, COS_SCALE_RANGE),
-        *_in_range("loss.gaussian_s", loss.gaussian_s, GAUSSIAN_S_RANGE),
+        _in_range("loss.cos_scale", loss.cos_scale, COS_SCALE_RANGE),
+        _in_range("loss.gaussian_s", loss.gaussian_s, GAUSSIAN_S_RANGE),
     ]
 
 
 def _in_range(
     key: str, value: float | None, interval: Interval, also: str = ""
-) -> list[tuple[str, bool, str]]:
+) -> tuple[str, bool, str]:
     """The check of a key whose range its concept defines (`interval`); `also` names what else
     it may be (e.g. "or null": None passes)."""
     ok = (value is None and bool(also)) or (value is not None and value in interval)
-    return [(key, ok, f"{interval} {also}".strip())]
+    return key, ok, f"{interval} {also}".strip()

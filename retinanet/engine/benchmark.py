@@ -458,7 +458,7 @@ def _onnx_session(model: RetinaNet, device: torch.device, size_divisibility: int
     options.inter_op_num_threads = 1
     with tempfile.TemporaryDirectory(prefix="retinanet_bench_") as work_dir:
         start = time.perf_counter()
-        path = export_onnx(copy.deepcopy(model), Path(work_dir) / "model.onnx", classes,
+        path = export_onnx(model, Path(work_dir) / "model.onnx", classes,
                            size_divisibility, 800, 1333)  # fmt: skip
         export_s = time.perf_counter() - start
         return ort.InferenceSession(str(path), options, providers=providers), export_s
