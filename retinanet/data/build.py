@@ -44,8 +44,7 @@ def resolve_data_paths(cfg: Config) -> Config:
                 f"({paths.image_dir}); leave data.{split}.image_dir/annotation_file empty, or "
                 "set data.synthetic.enabled=false to use your own dataset"
             )
-    data = replace(cfg.data, train=splits["train"], val=splits["val"])
-    return replace(cfg, data=data)
+    return replace(cfg, data=replace(cfg.data, **splits))
 
 
 def build_transform(cfg: Config, training: bool) -> DetectionTransform:

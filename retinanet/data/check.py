@@ -23,6 +23,7 @@ from retinanet.data.coco import (
     ProblemList,
     decode_image,
     read_coco_annotations,
+    sort_by_kind,
 )
 
 
@@ -77,7 +78,7 @@ class DatasetCheck(ProblemList):
     def lines(self, limit: int | None = None) -> list[str]:
         """The summary, then one line per problem (errors first), at most `limit` of them."""
         ordered = self.errors + self.repairs
-        shown = ordered if limit is None else ordered[:limit]
+        shown = ordered[:limit]
         lines = [self.summary()] + [f"  {p.severity}: {p.message}" for p in shown]
         if len(shown) < len(ordered):
             lines.append(f"  ... and {len(ordered) - len(shown)} more")
@@ -105,42 +106,26 @@ def check_dataset(
     report.num_images = records.num_images
     report.num_annotations = records.num_annotations
     report.num_categories = records.num_categories
-    record_problems = records.problems
     image_problems: list[DatasetProblem] = []
     if not Path(image_dir).is_dir():
         image_problems.append(
             DatasetProblem(ERROR, "file", "image_dir", f"image folder not found: {image_dir}")
         )
     else:
+        columns = (records.image_ids, records.file_names, records.widths, records.heights)
         jobs = [
-            (
-                str(Path(image_dir) / name),
-                int(image_id),
-                name,
-                (int(height), int(width)),
-            )
-            for image_id, name, width, height in zip(
-                records.image_ids, records.file_names, records.widths, records.heights, strict=True
-            )
+            (str(Path(image_dir) / name), int(image_id), name, (int(height), int(width)))
+            for image_id, name, width, height in zip(*columns, strict=True)
         ]
-        for problem in tqdm(
-            _decode_all(jobs, records.source, workers),
-            total=len(jobs),
-            desc="decoding",
-            disable=not progress,
-            leave=False,
-        ):
+        decoded = _decode_all(jobs, records.source, workers)
+        bar = tqdm(decoded, total=len(jobs), desc="decoding", disable=not progress, leave=False)
+        for problem in bar:
             if problem is None:
                 report.num_decoded += 1
             else:
                 image_problems.append(problem)
-    # Annotation-file and category problems, then images (records, then files), then
-    # annotations: the order a reader fixes them in.
-    by_kind = {"file": 0, "category": 1, "image": 2, "annotation": 3}
-    combined = sorted(
-        [*record_problems, *image_problems], key=lambda p: by_kind[p.kind]
-    )  # sorted() is stable: file order within each kind is kept
-    report.problems = combined
+    # Image records, then image files, within the problems of images.
+    report.problems = sort_by_kind([*records.problems, *image_problems])
     report.seconds = time.perf_counter() - start
     return report
 
@@ -155,20 +140,14 @@ def _decode_all(
 
     def check(job: tuple[str, int, str, tuple[int, int]]) -> DatasetProblem | None:
         path, image_id, name, size = job
-        if not os.path.isfile(path):
-            return DatasetProblem(
-                ERROR, "image", "missing", f"image {path} (image id {image_id}) is missing",
-                image_id, None, name,
-            )  # fmt: skip
         try:
+            if not os.path.isfile(path):  # as the loader checks: a folder counts as missing
+                raise ImageError(f"image {path} (image id {image_id}) is missing", "missing")
             decode_image(path, image_id, size, source)
         except ImageError as err:
             return DatasetProblem(ERROR, "image", err.code, str(err), image_id, None, name)
         return None
 
-    if workers == 1:
-        yield from map(check, jobs)
-        return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check-dataset") as pool:
         # map() yields in submission order, so the report does not depend on thread timing.
         yield from pool.map(check, jobs)

@@ -44,11 +44,9 @@ class ImageError(DatasetError):
     """An image that cannot be used: `code` is "missing", "unreadable", "undecodable",
     "truncated" or "size_mismatch"."""
 
-    def __init__(self, message: str, code: str, image_id: int, path: str) -> None:
+    def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
-        self.image_id = image_id
-        self.path = path
 
 
 # What an unreadable training image does: stop the run, or skip to the next readable image.
@@ -132,12 +130,11 @@ class CocoRecords(ProblemList):
         """DatasetError with the first error, and how many more there are."""
         errors = self.errors
         if errors:
-            more = (
-                f" (and {len(errors) - 1} more problems: `retinanet check-dataset` lists them)"
-                if len(errors) > 1
-                else ""
+            more = len(errors) - 1
+            tail = (
+                f" (and {more} more problems: `retinanet check-dataset` lists them)" if more else ""
             )
-            raise DatasetError(f"{self.source}: {errors[0].message}{more}")
+            raise DatasetError(f"{self.source}: {errors[0].message}{tail}")
 
     def warn_repairs(self, stacklevel: int = 2) -> None:
         """One DatasetWarning counting each kind of repair, with an example annotation id."""
@@ -191,9 +188,8 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id: int; orig_size: (H0, W0) as stored on disk; size: (H, W) of `image`.
 
     Raises:
-        DatasetError: missing JSON or folder, malformed JSON, records with missing keys or values
-            of the wrong type (ids must be integers, boxes four finite numbers), duplicate ids, an
-            unknown category id, image files missing on disk, and (when an item is read) an image
+        DatasetError: missing JSON or folder, malformed JSON, a record that breaks a rule of
+            `check_coco_dict`, image files missing on disk, and (when an item is read) an image
             that cannot be decoded or whose size disagrees with the JSON. The message names the
             first problem; `retinanet check-dataset` lists them all.
     """
@@ -221,42 +217,32 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(f"image folder not found: {self.image_dir}")
         records = read_coco_annotations(self.annotation_file)
         records.raise_on_errors()
-        records.warn_repairs(stacklevel=2)
+        records.warn_repairs()
 
         self.category_ids: list[int] = records.category_ids
         self.class_names: list[str] = records.class_names
         self.category_id_to_label: dict[int, int] = {
             c: label for label, c in enumerate(self.category_ids)
         }
-        image_ids, widths, heights = records.image_ids, records.widths, records.heights
-        file_names = records.file_names
-        image_index, is_crowd = records.image_index, records.is_crowd
+        image_index = records.image_index
+        keep = np.ones(len(records.image_ids), dtype=bool)  # the images this dataset serves
+        if filter_empty:
+            keep = np.bincount(image_index[~records.is_crowd], minlength=len(keep)) > 0
+        if not keep.any():
+            raise DatasetError(f"{self.annotation_file}: no image has a box (filter_empty=True)")
         # Annotations sorted by image so that image i owns rows offsets[i]:offsets[i + 1]; flat
         # numpy arrays (not per-image lists) also keep forked workers from copying them on read.
         by_image = np.argsort(image_index, kind="stable")
-        counts = np.bincount(image_index, minlength=len(image_ids))
-        if filter_empty:
-            positives = np.bincount(image_index[~is_crowd], minlength=len(image_ids))
-            keep_image = positives > 0
-            keep_ann = keep_image[image_index[by_image]]
-            by_image, counts = by_image[keep_ann], counts[keep_image]
-            image_ids, widths, heights = (
-                image_ids[keep_image],
-                widths[keep_image],
-                heights[keep_image],
-            )
-            file_names = [file_names[i] for i in np.flatnonzero(keep_image)]
+        by_image = by_image[keep[image_index[by_image]]]
+        counts = np.bincount(image_index, minlength=len(keep))[keep]
         self._boxes = records.boxes[by_image]
         self._labels = records.labels[by_image]
-        self._is_crowd = is_crowd[by_image]
+        self._is_crowd = records.is_crowd[by_image]
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-        if len(image_ids) == 0:
-            raise DatasetError(f"{self.annotation_file}: no image has a box (filter_empty=True)")
-        self.image_ids: list[int] = image_ids.tolist()
-        self._widths = widths
-        self._heights = heights
-        self._paths = [str(self.image_dir / f) for f in file_names]
+        self.image_ids: list[int] = records.image_ids[keep].tolist()
+        self._widths = records.widths[keep]
+        self._heights = records.heights[keep]
+        self._paths = [str(self.image_dir / records.file_names[i]) for i in np.flatnonzero(keep)]
         self._check_files_exist()
 
     @functools.cached_property
@@ -265,7 +251,11 @@ class CocoDetection(torch.utils.data.Dataset):
         filled in where the file omits them (see `complete_for_evaluation`). Built on first
         use: training never needs it, and DataLoader workers forked from a dataset holding the
         whole annotation file as Python objects would each end up copying it."""
-        return coco_index(complete_for_evaluation(_load_json(self.annotation_file)))
+        coco = COCO()
+        coco.dataset = complete_for_evaluation(_load_json(self.annotation_file))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+        return coco
 
     @property
     def num_classes(self) -> int:
@@ -366,42 +356,29 @@ def decode_image(
     decoders fill the missing rows with grey instead of failing), does not decode, or has
     another size."""
     path = str(path)
+    name = f"image {path} (image id {image_id})"
     try:
         encoded = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError as e:
-        raise ImageError(f"image {path} (image id {image_id}) is missing", "missing", image_id,
-                         path) from e  # fmt: skip
+        raise ImageError(f"{name} is missing", "missing") from e
     except (OSError, ValueError) as e:  # ValueError: a name the OS cannot represent
-        raise ImageError(
-            f"cannot read image {path} (image id {image_id}): {e}", "unreadable", image_id, path
-        ) from e
+        raise ImageError(f"cannot read {name}: {e}", "unreadable") from e
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(encoded, flags) if encoded.size else None
     # Checked whether or not it decoded: OpenCV 5 refuses a cut-short JPEG, 4.x pads it with
     # grey and succeeds; either way the message says what happened.
     if _is_truncated(encoded):
         raise ImageError(
-            f"image {path} (image id {image_id}) is truncated: the file ends before the image "
-            "data does",
-            "truncated",
-            image_id,
-            path,
+            f"{name} is truncated: the file ends before the image data does", "truncated"
         )
     if bgr is None:
-        raise ImageError(
-            f"cannot decode image {path} (image id {image_id}): corrupt or not an image",
-            "undecodable",
-            image_id,
-            path,
-        )
+        raise ImageError(f"cannot decode {name}: corrupt or not an image", "undecodable")
     if expected_size is not None and bgr.shape[:2] != tuple(expected_size):
         height, width = expected_size
         raise ImageError(
-            f"image {path} (image id {image_id}) is {bgr.shape[1]}x{bgr.shape[0]} pixels but "
-            f"{annotation_file} says {width}x{height}",
+            f"{name} is {bgr.shape[1]}x{bgr.shape[0]} pixels but {annotation_file} says "
+            f"{width}x{height}",
             "size_mismatch",
-            image_id,
-            path,
         )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
@@ -470,7 +447,6 @@ def check_coco_dict(data: Any, source: str) -> CocoRecords:
     category_ids = sorted(categories)
     annotations = _read_annotations(data.get("annotations", []), problems)
     kept = _resolve_annotations(annotations, category_ids, images, problems)
-    order = np.argsort(_kind_order(problems), kind="stable")
     return CocoRecords(
         source=source,
         category_ids=category_ids,
@@ -479,11 +455,11 @@ def check_coco_dict(data: Any, source: str) -> CocoRecords:
         file_names=images.file_names,
         widths=images.widths,
         heights=images.heights,
-        **kept._asdict(),
+        **kept,
         num_images=len(data["images"]),
         num_annotations=len(data.get("annotations", [])),
         num_categories=len(data["categories"]),
-        problems=[problems[i] for i in order],
+        problems=sort_by_kind(problems),
     )
 
 
@@ -512,15 +488,6 @@ def complete_for_evaluation(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "annotations": completed}
 
 
-def coco_index(data: dict[str, Any]) -> COCO:
-    """A pycocotools COCO over `data` (checked first: see `check_coco_dict`), built quietly."""
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
-
-
 def _load_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -545,9 +512,11 @@ def _check_structure(data: Any, source: str) -> None:
         raise DatasetError(f"{source}: key 'annotations' is not a list")
 
 
-def _kind_order(problems: list[DatasetProblem]) -> list[int]:
+def sort_by_kind(problems: list[DatasetProblem]) -> list[DatasetProblem]:
+    """Problems of the files, then of categories, images and annotations: the order a reader fixes
+    them in; stable, so file order within each kind is kept."""
     order = {"file": 0, "category": 1, "image": 2, "annotation": 3}
-    return [order[p.kind] for p in problems]
+    return sorted(problems, key=lambda p: order[p.kind])
 
 
 def _is_int(value: Any) -> bool:
@@ -577,27 +546,17 @@ def _shown(value: Any) -> str:
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
 
-def _culprit(kind: str, record: Any, position: int) -> tuple[str, int | None]:
-    """How a message names a record ("image id 5", or "image #3" without a usable id)."""
-    if isinstance(record, dict) and _is_int(record.get("id")):
-        return f"{kind} id {record['id']}", int(record["id"])
-    return f"{kind} #{position}", None
-
-
-def _record_problem(
-    kind: str, record: Any, position: int, code: str, what: str, severity: str = ERROR
-) -> DatasetProblem:
-    name, record_id = _culprit(kind, record, position)
-    file_name = record.get("file_name") if kind == "image" and isinstance(record, dict) else None
-    return DatasetProblem(
-        severity,
-        kind,
-        code,
-        f"{name} {what}",
-        record_id,
-        position,
-        file_name if isinstance(file_name, str) else None,
+def _record_problem(kind: str, record: Any, position: int, code: str, what: str) -> DatasetProblem:
+    """An error of record `position` of the `kind` list, named as "image id 5" (or "image #3"
+    without a usable id)."""
+    record_id = (
+        int(record["id"]) if isinstance(record, dict) and _is_int(record.get("id")) else None
     )
+    name = f"{kind} #{position}" if record_id is None else f"{kind} id {record_id}"
+    file_name = record.get("file_name") if kind == "image" and isinstance(record, dict) else None
+    if not isinstance(file_name, str):
+        file_name = None
+    return DatasetProblem(ERROR, kind, code, f"{name} {what}", record_id, position, file_name)
 
 
 def _missing_or_bad(record: Any, int_keys: tuple[str, ...], other_keys: tuple[str, ...]) -> str:
@@ -713,10 +672,8 @@ def _read_annotations(records: list[Any], problems: list[DatasetProblem]) -> _An
         return columns
     valid = []
     for position, ann in enumerate(records):
-        found = _annotation_record_problem(ann)
-        if found:
-            code, what = found
-            problems.append(_record_problem("annotation", ann, position, code, what))
+        if found := _annotation_record_problem(ann):
+            problems.append(_record_problem("annotation", ann, position, *found))
         else:
             valid.append(position)
     kept = [records[i] for i in valid]
@@ -745,25 +702,14 @@ def _annotation_columns(records: list[Any]) -> _Annotations | None:
         xywh = np.asarray([a["bbox"] for a in records])
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         return None
-    if count == 0:
-        return _Annotations(
-            *(np.zeros(0, np.int64) for _ in range(3)),
-            np.zeros((0, 4)),
-            np.zeros(0, bool),
-            np.zeros(0, np.int64),
-        )
-    plain = (
-        all(column.dtype.kind == "i" for column in (ids, image_ids, category_ids))
-        and xywh.shape == (count, 4)
-        and xywh.dtype.kind in "iuf"
-        and crowd.dtype.kind in "biuf"
-        and area.dtype.kind in "iuf"
-    )
-    if not plain:
-        return None
     with np.errstate(invalid="ignore"):
-        plain = (
-            np.isfinite(xywh).all()
+        plain = (  # an empty list reads as float64 columns: the record-by-record path takes it
+            all(column.dtype.kind == "i" for column in (ids, image_ids, category_ids))
+            and xywh.shape == (count, 4)
+            and xywh.dtype.kind in "iuf"
+            and crowd.dtype.kind in "biuf"
+            and area.dtype.kind in "iuf"
+            and np.isfinite(xywh).all()
             and np.isin(crowd, (0, 1)).all()
             and np.isfinite(area).all()
             and (area >= 0).all()
@@ -801,22 +747,12 @@ def _annotation_record_problem(ann: Any) -> tuple[str, str] | None:
     return None
 
 
-class _KeptAnnotations(NamedTuple):
-    """The annotations the loader keeps, named as in `CocoRecords`: boxes (A, 4) float32 xyxy
-    original pixels, labels (A,) int64, is_crowd (A,) bool, image_index (A,) int64 (row in the
-    sorted image ids)."""
-
-    boxes: np.ndarray
-    labels: np.ndarray
-    is_crowd: np.ndarray
-    image_index: np.ndarray
-
-
 def _resolve_annotations(
     anns: _Annotations, category_ids: list[int], images: _Images, problems: list[DatasetProblem]
-) -> _KeptAnnotations:
-    """Check ids against each other and boxes against their images; clip and filter."""
-    image_ids, widths, heights = images.ids, images.widths, images.heights
+) -> dict[str, np.ndarray]:
+    """Check ids against each other and boxes against their images; clip and filter. Returns the
+    annotations the loader keeps, named as in `CocoRecords`: boxes (A, 4) float32 xyxy original
+    pixels, labels (A,) int64, is_crowd (A,) bool, image_index (A,) int64 (row in images.ids)."""
 
     def report(mask: np.ndarray, code: str, what: Any, severity: str = ERROR) -> None:
         """A problem for each annotation in `mask`; `what(row)` or `what` says what is wrong."""
@@ -846,12 +782,9 @@ def _resolve_annotations(
     )
     labels = np.searchsorted(category_ids, anns.category_ids).astype(np.int64)
 
-    if len(image_ids):
-        pos = np.minimum(np.searchsorted(image_ids, anns.image_ids), len(image_ids) - 1)
-        known_image = image_ids[pos] == anns.image_ids
-    else:
-        pos = np.zeros(len(anns.ids), dtype=np.int64)
-        known_image = np.zeros(len(anns.ids), dtype=bool)
+    pos = np.searchsorted(images.ids, anns.image_ids)  # len(images.ids): above every image id
+    known_image = pos < len(images.ids)
+    known_image[known_image] = images.ids[pos[known_image]] == anns.image_ids[known_image]
     # Annotations of an image whose own record is broken go with it, without a message.
     of_invalid_image = np.isin(anns.image_ids, list(images.invalid_ids))
     report(
@@ -863,15 +796,18 @@ def _resolve_annotations(
 
     with np.errstate(over="ignore"):  # x + w of huge values is inf, clipped below
         boxes = np.concatenate([anns.xywh[:, :2], anns.xywh[:, :2] + anns.xywh[:, 2:]], axis=1)
-    if len(image_ids):
-        limits = np.stack([widths[pos], heights[pos], widths[pos], heights[pos]], axis=1)
-    else:
-        limits = np.zeros_like(boxes)
+    sizes = np.stack([images.widths, images.heights, images.widths, images.heights], axis=1)
+    limits = np.zeros_like(boxes)  # boxes of unknown images are not kept, nor reported below
+    limits[known_image] = sizes[pos[known_image]]
     clipped_boxes = np.clip(boxes, 0.0, limits)
     degenerate = (clipped_boxes[:, 2:] - clipped_boxes[:, :2] < 1.0).any(axis=1)
     was_clipped = (clipped_boxes != boxes).any(axis=1) & ~degenerate
-    report(was_clipped & known_image, "clipped_box", "has a box partly outside its image: "
-           "clipped", REPAIR)  # fmt: skip
+    report(
+        was_clipped & known_image,
+        "clipped_box",
+        "has a box partly outside its image: clipped",
+        REPAIR,
+    )
     report(
         degenerate & known_image,
         "degenerate_box",
@@ -880,9 +816,9 @@ def _resolve_annotations(
     )
 
     keep = known_image & ~degenerate & known_cat & first
-    return _KeptAnnotations(
-        clipped_boxes[keep].astype(np.float32),
-        labels[keep],
-        anns.crowd[keep],
-        pos[keep].astype(np.int64),
-    )
+    return {
+        "boxes": clipped_boxes[keep].astype(np.float32),
+        "labels": labels[keep],
+        "is_crowd": anns.crowd[keep],
+        "image_index": pos[keep].astype(np.int64),
+    }

@@ -61,12 +61,9 @@ class Batch:
 def raise_on_bad_images(batch: Batch, advice: str = "") -> None:
     """Raise DatasetError with the first unreadable image's message if `batch` holds any."""
     if batch.bad_images:
-        more = (
-            f" (and {len(batch.bad_images) - 1} more in this batch)"
-            if len(batch.bad_images) > 1
-            else ""
-        )
-        raise DatasetError(batch.bad_images[0] + more + (f"; {advice}" if advice else ""))
+        more = len(batch.bad_images) - 1
+        message = batch.bad_images[0] + (f" (and {more} more in this batch)" if more else "")
+        raise DatasetError(message + (f"; {advice}" if advice else ""))
 
 
 def collate_detection(samples: Sequence[dict[str, Any]], size_divisibility: int = 128) -> Batch:

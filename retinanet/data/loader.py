@@ -12,11 +12,7 @@ from torch.utils.data import DataLoader
 
 from retinanet.data.coco import CocoDetection
 from retinanet.data.collate import collate_detection
-from retinanet.data.sampler import (
-    InferenceSampler,
-    TrainingBatchSampler,
-    orientation_groups,
-)
+from retinanet.data.sampler import InferenceSampler, TrainingBatchSampler, orientation_groups
 
 
 def init_worker(worker_id: int) -> None:

@@ -21,9 +21,7 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> tuple[np.ndarray, np
     """Dataset indices (N,) int64 in the order of epoch `epoch`, and the augmentation seed (N,)
     int64 of each position."""
     rng = np.random.default_rng([seed, epoch])
-    indices = rng.permutation(num_samples)
-    seeds = rng.integers(0, 2**31, size=num_samples)
-    return indices, seeds
+    return rng.permutation(num_samples), rng.integers(0, 2**31, size=num_samples)
 
 
 def training_stream(

@@ -43,6 +43,8 @@ _RING_HOLE = 0.55  # inner radius of a ring / outer radius
 _STAR_INNER = 0.45  # inner vertices of a star / outer radius
 _CROSS_HALF_WIDTH = 0.3  # half the arm width of a cross / outer radius
 _PLACEMENT_TRIES = 30
+# Vertices of the outline of each shape but the cross; circle and ring are 48-gons.
+_VERTICES = {"circle": 48, "ring": 48, "square": 4, "triangle": 3, "hexagon": 6, "star": 10}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,29 +102,18 @@ class ShapesImage:
 def shape_polygons(shape: Shape) -> list[np.ndarray]:
     """Outline of `shape` as (V, 2) float64 xy vertex arrays; a second polygon is a hole."""
     name = SHAPE_NAMES[shape.label]
-    if name in ("circle", "ring"):
-        outline = _regular_polygon(48, shape.angle)
-    elif name == "square":
-        outline = _regular_polygon(4, shape.angle)
-    elif name == "triangle":
-        outline = _regular_polygon(3, shape.angle)
-    elif name == "hexagon":
-        outline = _regular_polygon(6, shape.angle)
-    elif name == "star":
-        outline = _regular_polygon(10, shape.angle)
-        outline[1::2] *= _STAR_INNER
-    elif name == "cross":
+    if name == "cross":
         w = _CROSS_HALF_WIDTH
         arm = math.sqrt(1.0 - w * w)  # so that the arm-tip corners lie on the unit circle
         quarter = np.array([[w, arm], [w, w], [arm, w]])  # one arm tip and the inner corner
         quarter_turn = np.array([[0.0, -1.0], [1.0, 0.0]])  # row vector (x, y) -> (y, -x)
-        parts, part = [], quarter
-        for _ in range(4):
-            parts.append(part)
-            part = part @ quarter_turn
-        outline = _rotate(np.concatenate(parts), shape.angle)
-    else:  # pragma: no cover - SHAPE_NAMES and this function change together
-        raise ValueError(f"unknown shape {name}")
+        turns = [np.linalg.matrix_power(quarter_turn, k) for k in range(4)]
+        c, s = math.cos(shape.angle), math.sin(shape.angle)  # to rotate row vectors by angle
+        outline = np.concatenate([quarter @ turn for turn in turns]) @ np.array([[c, s], [-s, c]])
+    else:
+        outline = _regular_polygon(_VERTICES[name], shape.angle)
+        if name == "star":
+            outline[1::2] *= _STAR_INNER
     centre = np.array([shape.center_x, shape.center_y])
     polygons = [outline * shape.radius + centre]
     if name == "ring":
@@ -143,10 +134,8 @@ def render_shapes_image(
     of its pixels."""
     background = _background(rng, height, width)
     max_size = objects.max_object_fraction * min(height, width)
-    if rng.random() < objects.empty_fraction:
-        num_objects = 0
-    else:
-        num_objects = int(rng.integers(1, objects.max_objects + 1))
+    empty = rng.random() < objects.empty_fraction
+    num_objects = 0 if empty else int(rng.integers(1, objects.max_objects + 1))
 
     instance_map = np.zeros((height, width), np.uint8)
     full_areas: list[int] = []
@@ -158,13 +147,9 @@ def render_shapes_image(
         radius = 0.5 * math.exp(rng.uniform(math.log(objects.min_object_size), math.log(max_size)))
         angle = float(rng.uniform(0.0, 2.0 * math.pi))
         for _ in range(_PLACEMENT_TRIES):
-            shape = Shape(
-                label=label,
-                center_x=float(rng.uniform(radius, width - radius)),
-                center_y=float(rng.uniform(radius, height - radius)),
-                radius=radius,
-                angle=angle,
-            )
+            center_x = float(rng.uniform(radius, width - radius))
+            center_y = float(rng.uniform(radius, height - radius))
+            shape = Shape(label, center_x, center_y, radius, angle)
             x0, y0, mask = _rasterise(shape, height, width)
             if not mask.any():
                 continue
@@ -249,15 +234,7 @@ def ensure_shapes_dataset(
     root.mkdir(parents=True, exist_ok=True)
     meta_file = root / "meta.json"
     with _exclusive_lock(root / ".lock"):
-        if _read_meta(meta_file) == meta and all(
-            p.exists()
-            for p in (
-                paths.train_image_dir,
-                paths.train_annotation_file,
-                paths.val_image_dir,
-                paths.val_annotation_file,
-            )
-        ):
+        if _read_meta(meta_file) == meta and all(p.exists() for p in dataclasses.astuple(paths)):
             return paths
         meta_file.unlink(missing_ok=True)
         for split_code, (split, count) in enumerate(zip(SPLITS, (num_train, num_val), strict=True)):
@@ -290,14 +267,7 @@ def _write_split(
             str(partial / file_name), drawn.image[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]
         ):
             raise OSError(f"could not write {partial / file_name}")
-        images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "width": width,
-                "height": height,
-            }
-        )
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for box, label, area in zip(drawn.boxes, drawn.labels, drawn.areas, strict=True):
             x0, y0, x1, y1 = box.tolist()
             annotations.append(
@@ -339,11 +309,8 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -372,13 +339,9 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     for _ in range(int(rng.integers(0, 7))):
         points = rng.uniform([0, 0], [width, height], (int(rng.integers(2, 5)), 2))
         colour = rng.uniform(0.0, 255.0, 3).tolist()
+        thickness = int(rng.integers(1, 3))
         cv2.polylines(
-            image,
-            [np.rint(points).astype(np.int32)],
-            False,
-            colour,
-            thickness=int(rng.integers(1, 3)),
-            lineType=cv2.LINE_8,
+            image, [np.rint(points).astype(np.int32)], False, colour, thickness, cv2.LINE_8
         )
     return image
 
@@ -429,8 +392,3 @@ def _regular_polygon(num_vertices: int, angle: float) -> np.ndarray:
     """(V, 2) vertices on the unit circle at angles angle + 2 pi k / V."""
     theta = angle + 2.0 * math.pi * np.arange(num_vertices) / num_vertices
     return np.stack([np.cos(theta), np.sin(theta)], axis=1)
-
-
-def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    return points @ np.array([[c, s], [-s, c]])

@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 
-# The house rule keeps retinanet/data free of retinanet/engine; the atomic writers live there
-# until they move to a neutral module (as retinanet/data/shapes.py does too).
 from retinanet.files import atomic_write_json
 
 from .records import ConvertedDataset
@@ -23,13 +21,9 @@ def to_coco(dataset: ConvertedDataset) -> dict[str, Any]:
     """The COCO instances dict (`images`, `annotations`, `categories`) of `dataset`."""
     images, annotations = [], []
     for image_id, record in enumerate(dataset.images, start=1):
+        width, height = int(record.width), int(record.height)
         images.append(
-            {
-                "id": image_id,
-                "file_name": record.file_name,
-                "width": int(record.width),
-                "height": int(record.height),
-            }
+            {"id": image_id, "file_name": record.file_name, "width": width, "height": height}
         )
         xywh = np.concatenate(
             [record.boxes[:, :2], record.boxes[:, 2:] - record.boxes[:, :2]], axis=1

@@ -166,11 +166,6 @@ def read_names(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def numbered_categories(names: Sequence[str]) -> list[tuple[int, str]]:
-    """COCO categories 1..K in the order of `names`."""
-    return [(index + 1, name) for index, name in enumerate(names)]
-
-
 def find_image(folder: Path, stem: str) -> Path | None:
     """`folder/stem` with one of IMAGE_SUFFIXES (either case), or None."""
     for suffix in IMAGE_SUFFIXES:

@@ -26,7 +26,6 @@ from .records import (
     Problems,
     find_image,
     image_size,
-    numbered_categories,
     read_lines,
 )
 
@@ -50,27 +49,18 @@ def read_voc(
     skip_invalid: leave out (and list) bad objects and images instead of raising DatasetError.
     """
     image_dir, annotation_dir = Path(image_dir), Path(annotation_dir)
-    if not image_dir.is_dir():
-        raise DatasetError(f"image folder not found: {image_dir}")
-    if not annotation_dir.is_dir():
-        raise DatasetError(f"annotation folder not found: {annotation_dir}")
+    for folder, what in ((image_dir, "image"), (annotation_dir, "annotation")):
+        if not folder.is_dir():
+            raise DatasetError(f"{what} folder not found: {folder}")
     problems = Problems(skip_invalid)
-    parsed = []
-    for path in _xml_files(annotation_dir, ids_file):
-        voc = _parse(path, problems)
-        if voc is not None:
-            parsed.append(voc)
+    parsed = [p for path in _xml_files(annotation_dir, ids_file) if (p := _parse(path, problems))]
     names = list(classes) if classes else sorted({o.name for p in parsed for o in p.objects})
     if not names:
         raise DatasetError(f"{annotation_dir}: no objects, so no classes; pass a classes file")
-    categories = numbered_categories(names)
+    categories = list(enumerate(names, start=1))  # COCO ids 1..K
     category_of = {name: cid for cid, name in categories}
-    images = []
-    for voc in parsed:
-        record = _image_record(voc, image_dir, category_of, problems)
-        if record is not None:
-            images.append(record)
-    return ConvertedDataset(images, categories, problems.skipped)
+    records = [_image_record(voc, image_dir, category_of, problems) for voc in parsed]
+    return ConvertedDataset([r for r in records if r is not None], categories, problems.skipped)
 
 
 @dataclass
@@ -117,10 +107,10 @@ def _parse(path: Path, problems: Problems) -> _VocFile | None:
     elements = root.findall("object")
     if len(lines) != len(elements):  # e.g. an <object> inside a comment: name by position
         lines = []
-    objects = []
-    for index, element in enumerate(elements):
-        where = f"{path}:{lines[index]}" if lines else f"{path} (object {index + 1})"
-        objects.append(_parse_object(element, where))
+    objects = [
+        _parse_object(element, f"{path}:{lines[i]}" if lines else f"{path} (object {i + 1})")
+        for i, element in enumerate(elements)
+    ]
     return _VocFile(path, (root.findtext("filename") or "").strip(), _size(root), objects)
 
 

@@ -22,7 +22,6 @@ from .records import (
     ConvertedDataset,
     Problems,
     image_size,
-    numbered_categories,
     read_lines,
 )
 
@@ -55,10 +54,8 @@ def read_yolo(
     stems = {p.relative_to(image_dir).with_suffix("") for p in image_paths}
     ignored = {Path(p).resolve() for p in ignore}
     for label in sorted(label_dir.rglob("*.txt")):
-        if (
-            label.resolve() not in ignored
-            and label.relative_to(label_dir).with_suffix("") not in stems
-        ):
+        stem = label.relative_to(label_dir).with_suffix("")
+        if stem not in stems and label.resolve() not in ignored:
             problems.report(str(label), f"no image for this label file in {image_dir}")
 
     images = []
@@ -75,7 +72,7 @@ def read_yolo(
                 if line.strip():
                     _add_line(line, f"{label}:{number}", len(classes), boxes, problems)
         images.append(boxes.record(path.relative_to(image_dir).as_posix()))
-    return ConvertedDataset(images, numbered_categories(classes), problems.skipped)
+    return ConvertedDataset(images, list(enumerate(classes, start=1)), problems.skipped)
 
 
 def _add_line(
