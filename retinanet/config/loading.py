@@ -45,31 +45,21 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 class _Sourced(dict):
-    """A mapping that remembers where it and each of its keys came from (a file or an
-    override), for error messages: after merging, one section can hold keys from several."""
+    """A mapping that remembers where each of its keys came from (a file or an override), for
+    error messages: after merging, one section can hold keys from several."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.source = ""
-        self.key_sources: dict[str, str] = {}
-
-    def key_source(self, key: str) -> str:
-        return self.key_sources.get(key, self.source)
+    def __init__(self, data: Any = (), key_sources: dict[str, str] | None = None) -> None:
+        super().__init__(data)
+        self.key_sources = key_sources or {}
 
 
 def _tag_source(data: dict, source: str) -> dict:
-    tagged = _Sourced(
-        {k: _tag_source(v, source) if isinstance(v, dict) else v for k, v in data.items()}
-    )
-    tagged.source = source
-    tagged.key_sources = dict.fromkeys(data, source)
-    return tagged
+    tagged = {k: _tag_source(v, source) if isinstance(v, dict) else v for k, v in data.items()}
+    return _Sourced(tagged, dict.fromkeys(data, source))
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
-    merged = _Sourced(base)
-    merged.source = getattr(override, "source", getattr(base, "source", ""))
-    merged.key_sources = {k: _key_source(base, k) for k in base}
+    merged = _Sourced(base, {k: _key_source(base, k) for k in base})
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
@@ -80,7 +70,8 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 
 def _key_source(data: dict, key: str) -> str:
-    return data.key_source(key) if isinstance(data, _Sourced) else ""
+    """Where `key` of `data` came from ("" for a mapping given as an override's value)."""
+    return data.key_sources.get(key, "") if isinstance(data, _Sourced) else ""
 
 
 # Keys that moved between sections. Configs and checkpoints written before the move (and

@@ -19,24 +19,8 @@ from ..model.fpn import P6Source
 from ..model.losses import GammaShape, Modulation
 from ..model.norm import NormKind
 
-# Every alias above is resolved by name when a config is built (typing.get_type_hints).
-__all__ = [
-    "AmpMode",
-    "BestMetric",
-    "BoxLossKind",
-    "EvalBackend",
-    "GammaShape",
-    "LrSchedule",
-    "Modulation",
-    "NormKind",
-    "Normalizer",
-    "OnBadImage",
-    "OnNonFinite",
-    "OptimizerImpl",
-    "OptimizerName",
-    "P6Source",
-    "ResNetDepth",
-]
+# Imported at runtime (not under TYPE_CHECKING): typing.get_type_hints resolves every alias
+# above by name when a config is built.
 
 
 @dataclass

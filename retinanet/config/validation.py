@@ -59,11 +59,11 @@ def validate(cfg: Config) -> None:
 
 def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
     """(dotted key, whether its value is fine, what it must be) for every ranged key."""
+    backbone, inference, matcher = cfg.model.backbone, cfg.model.inference, cfg.model.matcher
     return [
         (
             "model.backbone.blocks",
-            not cfg.model.backbone.blocks
-            or (len(cfg.model.backbone.blocks) == 4 and min(cfg.model.backbone.blocks) >= 1),
+            not backbone.blocks or (len(backbone.blocks) == 4 and min(backbone.blocks) >= 1),
             "empty (the depth's standard counts) or 4 counts >= 1 (res2-res5)",
         ),
         ("model.fpn.channels", cfg.model.fpn.channels > 0, "positive"),
@@ -96,28 +96,26 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.clip_grad_norm", cfg.train.clip_grad_norm >= 0, ">= 0 (0: off)"),
         ("eval.batch_size", cfg.eval.batch_size > 0, "positive"),
         _in_range(
-            "model.inference.score_threshold",
-            cfg.model.inference.score_threshold,
-            SCORE_THRESHOLD_RANGE,
+            "model.inference.score_threshold", inference.score_threshold, SCORE_THRESHOLD_RANGE
         ),
-        ("model.inference.nms_threshold", 0 < cfg.model.inference.nms_threshold <= 1, "in (0, 1]"),
-        ("model.inference.topk_candidates", cfg.model.inference.topk_candidates > 0, "positive"),
-        ("model.inference.max_detections", cfg.model.inference.max_detections > 0, "positive"),
+        ("model.inference.nms_threshold", 0 < inference.nms_threshold <= 1, "in (0, 1]"),
+        ("model.inference.topk_candidates", inference.topk_candidates > 0, "positive"),
+        ("model.inference.max_detections", inference.max_detections > 0, "positive"),
         _in_range(
             "model.head.prior_probability",
             cfg.model.head.prior_probability,
             PRIOR_PROBABILITY_RANGE,
         ),
         ("model.head.num_convs", cfg.model.head.num_convs >= 0, ">= 0"),
-        ("model.backbone.freeze_at", 0 <= cfg.model.backbone.freeze_at <= 5, "in [0, 5]"),
+        ("model.backbone.freeze_at", 0 <= backbone.freeze_at <= 5, "in [0, 5]"),
         (
             "model.backbone.stride_in_1x1",
-            not cfg.model.backbone.stride_in_1x1 or cfg.model.backbone.depth >= 50,
+            not backbone.stride_in_1x1 or backbone.depth >= 50,
             "false for ResNet-18/34 (their basic blocks have no 1x1 conv)",
         ),
         (
             "model.matcher.bg_iou_threshold",
-            0 <= cfg.model.matcher.bg_iou_threshold <= cfg.model.matcher.fg_iou_threshold <= 1,
+            0 <= matcher.bg_iou_threshold <= matcher.fg_iou_threshold <= 1,
             "<= model.matcher.fg_iou_threshold, both in [0, 1]",
         ),
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 # COCO summary numbers a run can be selected by (all: higher is better).
 BestMetric = Literal[
@@ -36,10 +36,3 @@ class BestModel:
     def exhausted(self, patience: int) -> bool:
         """True when `patience` > 0 evaluations in a row have not improved on the best."""
         return patience > 0 and self.evaluations_without_improvement >= patience
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BestModel:
-        return cls(**data)

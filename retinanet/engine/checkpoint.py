@@ -109,9 +109,7 @@ def find_last_checkpoint(output_dir: str | Path) -> Path | None:
     return path
 
 
-def load_resume_checkpoint(
-    output_dir: str | Path, warn: Any = print
-) -> tuple[Path | None, dict[str, Any] | None]:
+def load_resume_checkpoint(output_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest readable training checkpoint of `output_dir` and its state, for --resume:
     the one `last_checkpoint` names, else (when it is missing, cut short or unreadable) the
     periodic checkpoints from the newest down, each skipped with a message saying why.
@@ -129,7 +127,7 @@ def load_resume_checkpoint(
             if "optimizer" not in state:
                 raise ValueError(f"{path} holds weights only, no training state")
             if problems:
-                warn(f"resuming from {path.name}, the newest readable checkpoint; skipped: "
+                print(f"resuming from {path.name}, the newest readable checkpoint; skipped: "
                      + "; ".join(problems))  # fmt: skip
             return path, state
         except (ValueError, FileNotFoundError) as err:
@@ -141,7 +139,7 @@ def load_resume_checkpoint(
     return None, None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by this project (or by tools/convert.py), with errors that name
     the file."""
     path = Path(path)
@@ -150,7 +148,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         # weights_only: tensors, containers and numbers, never code. A file that needs more
         # (a crafted pickle, or a foreign format) is refused without executing anything.
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it holds objects other than tensors, containers and "

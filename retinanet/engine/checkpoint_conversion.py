@@ -22,22 +22,18 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 SOURCES = ("torchvision", "detectron2")
 
 
-def coco80_classes() -> ClassInfo:
-    """The 80 COCO categories in category-id order (the contiguous order Detectron2 uses)."""
-    pairs = [
-        (i, n)
-        for i, n in enumerate(TORCHVISION_COCO_CATEGORIES)
-        if n not in ("N/A", "__background__")
-    ]
-    return ClassInfo([n for _, n in pairs], [i for i, _ in pairs])
-
-
 def _classes_for(num_classes: int, source: str) -> ClassInfo:
     if source == "torchvision" and num_classes == len(TORCHVISION_COCO_CATEGORIES):
         # torchvision's labels are COCO category ids (0 = background, gaps = "N/A").
         return ClassInfo(list(TORCHVISION_COCO_CATEGORIES), list(range(num_classes)))
     if source == "detectron2" and num_classes == 80:
-        return coco80_classes()
+        # The 80 COCO categories in category-id order (the contiguous order Detectron2 uses).
+        ids = [
+            i
+            for i, n in enumerate(TORCHVISION_COCO_CATEGORIES)
+            if n not in ("N/A", "__background__")
+        ]
+        return ClassInfo([TORCHVISION_COCO_CATEGORIES[i] for i in ids], ids)
     return ClassInfo([f"class_{i}" for i in range(num_classes)], list(range(num_classes)))
 
 
@@ -81,11 +77,6 @@ def convert_checkpoint(
     num_classes = state["head.cls_score.weight"].shape[0] // num_anchors
     classes = _classes_for(num_classes, source)
     model = build_model(cfg, num_classes, load_backbone_weights=False)
-    try:
-        load_model_weights(model, {"model": state}, src)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(
-            f"{src} does not fit the architecture of {config_path or default}: {err}"
-        ) from err
+    load_model_weights(model, {"model": state}, src)  # raises ValueError naming what differs
     save_checkpoint(output, model, cfg, classes, iteration=0)
     return cfg, classes

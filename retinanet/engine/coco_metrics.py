@@ -18,7 +18,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -31,22 +31,6 @@ from retinanet.files import atomic_write_json, json_safe
 # pycocotools is the reference; faster_coco_eval gives the same numbers faster.
 EvalBackend = Literal["pycocotools", "faster_coco_eval"]
 BACKENDS: tuple[str, ...] = get_args(EvalBackend)
-
-# The order of COCOeval.stats for iouType="bbox".
-SUMMARY_NAMES = (
-    "AP",
-    "AP50",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
-    "AR1",
-    "AR10",
-    "AR100",
-    "ARs",
-    "ARm",
-    "ARl",
-)
 
 RESULTS_FILENAME = "coco_results.json"
 METRICS_FILENAME = "metrics.json"
@@ -85,6 +69,7 @@ class CocoMetrics:
     keeps COCO's -1.000). `summary` is the text COCOeval.summarize() printed; faster-coco-eval
     adds two lines (AR at IoU 0.50 and 0.75) to pycocotools' twelve."""
 
+    # The 12 numbers, in the order of COCOeval.stats for iouType="bbox" (`SUMMARY_NAMES`).
     AP: float
     AP50: float
     AP75: float
@@ -122,19 +107,13 @@ class CocoMetrics:
                 "num_images": self.num_images,
                 "num_detections": self.num_detections,
                 **self.summary_numbers(),
-                "per_category": [
-                    {
-                        "category_id": c.category_id,
-                        "name": c.name,
-                        "AP": c.AP,
-                        "AP50": c.AP50,
-                        "num_gt": c.num_gt,
-                    }
-                    for c in self.per_category
-                ],
+                "per_category": [asdict(c) for c in self.per_category],
                 "summary": self.summary,
             }
         )
+
+
+SUMMARY_NAMES = tuple(f.name for f in fields(CocoMetrics)[:12])
 
 
 def detections_to_coco_results(
@@ -154,7 +133,7 @@ def detections_to_coco_results(
         raise ValueError("category_ids must be a non-empty list of dataset category ids")
 
     seen: set[int] = set()
-    per_image_ids, per_image_categories, per_image_boxes, per_image_scores = [], [], [], []
+    per_image = []  # (image ids, category ids, boxes xywh, scores) of each image
     for raw_image_id, detection in zip(image_ids, detections, strict=True):
         image_id = int(raw_image_id)
         if image_id in seen:
@@ -162,19 +141,12 @@ def detections_to_coco_results(
         seen.add(image_id)
         boxes, scores, labels = _validated_detection(detection, image_id, len(category_lookup))
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-        per_image_ids.append(np.full(len(scores), image_id, dtype=np.int64))
-        per_image_categories.append(category_lookup[labels])
-        per_image_boxes.append(xywh)
-        per_image_scores.append(scores)
+        ids = np.full(len(scores), image_id, dtype=np.int64)
+        per_image.append((ids, category_lookup[labels], xywh, scores))
 
-    if not per_image_ids:
+    if not per_image:
         return []
-    return _coco_result_dicts(
-        np.concatenate(per_image_ids),
-        np.concatenate(per_image_categories),
-        np.concatenate(per_image_boxes),
-        np.concatenate(per_image_scores),
-    )
+    return _coco_result_dicts(*(np.concatenate(column) for column in zip(*per_image, strict=True)))
 
 
 def evaluate_coco(
@@ -234,15 +206,19 @@ def evaluate_coco(
     coco_eval, summary = run(coco_gt, gt_dataset, kept_results, eval_image_ids.tolist())
 
     stats = np.asarray(coco_eval.stats[: len(SUMMARY_NAMES)], dtype=np.float64)
-    numbers = {name: _coco_value(value) for name, value in zip(SUMMARY_NAMES, stats, strict=True)}
+    # COCOeval's -1 (no GT in that area range) becomes NaN.
+    numbers = {
+        n: math.nan if v == -1 else float(v) for n, v in zip(SUMMARY_NAMES, stats, strict=True)
+    }
+    precision = _precision_array(coco_eval)
     return CocoMetrics(
         **numbers,
-        per_category=_per_category_ap(coco_eval, gt_dataset, eval_image_ids),
+        per_category=_per_category_ap(precision, gt_dataset, eval_image_ids),
         summary=summary,
         backend=backend,
         num_images=len(eval_image_ids),
         num_detections=len(kept_results),
-        precision=_precision_array(coco_eval),
+        precision=precision,
     )
 
 
@@ -347,12 +323,8 @@ def _results_to_arrays(
     if not isinstance(results, list):
         raise ValueError(f"{source}: COCO results must be a list of dicts, not {type(results)}")
     if not results:
-        return (
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int64),
-            np.zeros((0, 4), np.float64),
-            np.zeros(0, np.float64),
-        )
+        no_ids = np.zeros(0, np.int64)
+        return no_ids, no_ids, np.zeros((0, 4), np.float64), np.zeros(0, np.float64)
     try:
         image_ids = np.array([r["image_id"] for r in results])
         category_ids = np.array([r["category_id"] for r in results])
@@ -360,9 +332,8 @@ def _results_to_arrays(
         scores = np.array([r["score"] for r in results], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{source}: {_describe_malformed_result(results)}") from error
-    if image_ids.dtype.kind not in "iu" or category_ids.dtype.kind not in "iu":
-        raise ValueError(f"{source}: {_describe_malformed_result(results)}")
-    if boxes.shape != (len(results), 4) or scores.shape != (len(results),):
+    integer_ids = image_ids.dtype.kind in "iu" and category_ids.dtype.kind in "iu"
+    if not integer_ids or boxes.shape != (len(results), 4) or scores.shape != (len(results),):
         raise ValueError(f"{source}: {_describe_malformed_result(results)}")
     bad = ~(np.isfinite(boxes).all(axis=1) & np.isfinite(scores)) | (boxes[:, 2:] < 0).any(axis=1)
     if bad.any():
@@ -451,7 +422,12 @@ def _run_pycocotools(
             detections = gt.loadRes(results)
         else:
             # loadRes indexes results[0]; an empty result set is built by hand instead.
-            detections = _indexed_coco(COCO(), _empty_results_dataset(gt_dataset))
+            empty = {
+                "images": list(gt_dataset["images"]),
+                "categories": copy.deepcopy(gt_dataset["categories"]),
+                "annotations": [],
+            }
+            detections = _indexed_coco(COCO(), empty)
         coco_eval = COCOeval(gt, detections, iouType="bbox")
         coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
@@ -496,18 +472,11 @@ def _indexed_coco(coco: Any, dataset: dict[str, Any]) -> Any:
     return coco
 
 
-def _empty_results_dataset(gt_dataset: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "images": list(gt_dataset["images"]),
-        "categories": copy.deepcopy(gt_dataset["categories"]),
-        "annotations": [],
-    }
-
-
 def _precision_array(coco_eval: Any) -> PrecisionArray:
     params = coco_eval.params
     area_index = list(params.areaRngLbl).index("all")
     max_dets_index = list(params.maxDets).index(100)
+    # precision: (T iou thresholds, R recall points, K categories, A areas, M max dets)
     values = np.asarray(coco_eval.eval["precision"])[:, :, :, area_index, max_dets_index]
     return PrecisionArray(
         values=values.astype(np.float64),
@@ -518,17 +487,12 @@ def _precision_array(coco_eval: Any) -> PrecisionArray:
 
 
 def _per_category_ap(
-    coco_eval: Any, gt_dataset: dict[str, Any], eval_image_ids: np.ndarray
+    precision: PrecisionArray, gt_dataset: dict[str, Any], eval_image_ids: np.ndarray
 ) -> tuple[CategoryAP, ...]:
-    params = coco_eval.params
-    area_index = list(params.areaRngLbl).index("all")
-    max_dets_index = list(params.maxDets).index(100)
-    iou50_index = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
-    # precision: (T iou thresholds, R recall points, K categories, A areas, M max dets);
+    iou50_index = int(np.flatnonzero(np.isclose(precision.iou_thresholds, 0.5))[0])
     # -1 marks a category without GT, which COCO leaves out of every mean.
-    precision = np.asarray(coco_eval.eval["precision"])[:, :, :, area_index, max_dets_index]
-    ap = _mean_of_valid(precision, axis=(0, 1))
-    ap50 = _mean_of_valid(precision[iou50_index], axis=0)
+    ap = _mean_of_valid(precision.values, axis=(0, 1))
+    ap50 = _mean_of_valid(precision.values[iou50_index], axis=0)
 
     annotations = gt_dataset["annotations"]
     category_of_ann = np.array([a["category_id"] for a in annotations], dtype=np.int64)
@@ -545,7 +509,7 @@ def _per_category_ap(
             AP50=float(ap50[k]),
             num_gt=int(np.count_nonzero(counted == category_id)),
         )
-        for k, category_id in enumerate(params.catIds)
+        for k, category_id in enumerate(precision.category_ids)
     )
 
 
@@ -554,10 +518,6 @@ def _mean_of_valid(values: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarra
     count = valid.sum(axis=axis)
     total = np.where(valid, values, 0.0).sum(axis=axis)
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def _coco_value(value: float) -> float:
-    return math.nan if value == -1 else float(value)
 
 
 def _format_fraction(value: float) -> str:

@@ -68,20 +68,6 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def use_device(device: torch.device) -> None:
-    """Make `device` the current one (CUDA kernels and allocations without an explicit device
-    go there)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
-def configure_cudnn(benchmark: bool) -> None:
-    """cudnn.benchmark times the convolution algorithms for each new input shape once and keeps
-    the fastest: a gain when shapes repeat (fixed-size or few multi-scale sizes), a loss when
-    every batch has a new shape."""
-    torch.backends.cudnn.benchmark = benchmark
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .device import launched_by_torchrun, resolve_device, use_device
+from .device import launched_by_torchrun, resolve_device
 
 T = TypeVar("T")
 
@@ -52,7 +52,8 @@ def init_distributed(device: str | torch.device = "auto") -> torch.device:
     on `device` (e.g. cuda:1). Collectives time out after $RETINANET_DIST_TIMEOUT seconds
     (default 30 minutes); a failure recorded by another process ends this one sooner."""
     device = resolve_device(device)
-    use_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels and allocations without a device go there
     if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from .precision import autocast
 
 def iter_model_outputs(
     model: RetinaNet,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[Batch],
     device: torch.device,
     amp: str = "",
     progress: bool = False,
@@ -61,7 +61,7 @@ def iter_model_outputs(
 @torch.no_grad()
 def run_inference(
     model: RetinaNet,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[Batch],
     device: torch.device,
     amp: str = "",
     progress: bool = False,

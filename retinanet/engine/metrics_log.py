@@ -7,12 +7,13 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
 
 from ..files import atomic_write_text, json_safe
+from .distributed import reduce_mean
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -76,10 +77,8 @@ class LogWindow:
         self.steps += 1
         self.data_seconds += data_seconds
 
-    def values(
-        self, reduce_mean: Callable[[dict[str, Tensor]], dict[str, float]]
-    ) -> dict[str, float]:
-        """Mean loss terms of the taken steps (averaged over processes by `reduce_mean`),
+    def values(self) -> dict[str, float]:
+        """Mean loss terms of the taken steps (averaged over processes),
         seconds per iteration (`time`) and of it waiting for data (`data_time`)."""
         values = {}
         if self.taken_steps:

@@ -16,8 +16,6 @@ if TYPE_CHECKING:  # the config's schema imports the choices below
     from ..config import Config
 
 OptimizerName = Literal["sgd", "adamw"]
-# fused: one kernel for all parameters; foreach: a few multi-tensor kernels; for_loop: one
-# parameter at a time; auto: fused where the device has it, else foreach
 OptimizerImpl = Literal["auto", "fused", "foreach", "for_loop"]
 LrSchedule = Literal["step", "cosine"]
 

@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from .device import device_name
+
 # None: fp32; auto: the fastest precision the device computes natively (see resolve_amp)
 AmpMode = Literal["auto", "bf16", "fp16"]
 
@@ -42,10 +44,9 @@ def resolve_amp(amp: AmpMode | None, device: torch.device) -> AmpMode | None:
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("precision.amp=fp16 needs a CUDA device; use bf16, auto or null on CPU")
     if amp == "bf16" and device.type == "cuda" and not cuda_has_native_bf16(device):
-        major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(
-            f"precision.amp=bf16 on {torch.cuda.get_device_name(device)} (compute capability "
-            f"{major}.{minor}) would be emulated, slower than fp32; use precision.amp=fp16 or auto"
+            f"precision.amp=bf16 on {device_name(device)} would be emulated, slower than fp32; "
+            "use precision.amp=fp16 or auto"
         )
     return amp
 

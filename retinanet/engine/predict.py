@@ -49,23 +49,13 @@ def draw_detections(
     detections scoring >= score_threshold."""
     canvas = image_bgr.copy()
     thickness = max(1, round(min(canvas.shape[:2]) / 400))
-    keep = detections.scores >= score_threshold
-    names = [n for n, k in zip(detections.names, keep, strict=True) if k]
+    keep = np.flatnonzero(detections.scores >= score_threshold)
     # Lowest scores first, so the most confident boxes end up on top.
-    for box, score, index, name in sorted(
-        zip(
-            detections.boxes[keep],
-            detections.scores[keep],
-            detections.class_indices[keep],
-            names,
-            strict=True,
-        ),
-        key=lambda d: d[1],
-    ):
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        color = class_color(int(index))
+    for i in keep[np.argsort(detections.scores[keep], kind="stable")]:
+        x1, y1, x2, y2 = (int(round(v)) for v in detections.boxes[i])
+        color = class_color(int(detections.class_indices[i]))
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
-        text = f"{name} {score:.2f}"
+        text = f"{detections.names[i]} {detections.scores[i]:.2f}"
         scale = 0.4 * thickness
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         top = max(y1 - th - base, 0)
@@ -206,17 +196,12 @@ def _atomic_video_writer(
     # VideoWriter picks the container from the suffix, so the temporary name ends in .mp4.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    if not writer.isOpened():
-        writer.release()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise OSError(f"cannot write video {path}: OpenCV cannot open it with codec mp4v")
     try:
+        if not writer.isOpened():
+            raise OSError(f"cannot write video {path}: OpenCV cannot open it with codec mp4v")
         yield writer
         writer.release()
         os.replace(tmp, path)
-    except BaseException:
-        writer.release()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    finally:
+        writer.release()  # a no-op when already released
+        tmp.unlink(missing_ok=True)  # left only after an error

@@ -14,7 +14,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.collate import Batch
 from ..model.retinanet import RetinaNet
-from .device import configure_cudnn
 from .distributed import get_world_size, init_distributed
 from .precision import AmpMode, autocast, resolve_amp
 
@@ -104,7 +103,10 @@ def setup_device(
     any data is read."""
     torch_device = init_distributed(device)
     amp = resolve_amp(amp, torch_device)
-    configure_cudnn(cudnn_benchmark)
+    # cudnn.benchmark times the convolution algorithms for each new input shape once and keeps
+    # the fastest: a gain when shapes repeat (fixed-size or few multi-scale sizes), a loss when
+    # every batch has a new shape.
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     return torch_device, amp
 
 
@@ -112,9 +114,7 @@ def wrap_distributed(
     model: torch.nn.Module, device: torch.device, broadcast_buffers: bool = False
 ) -> torch.nn.Module:
     """`ddp_model(model, ...)` when there are several processes, else `model`."""
-    if get_world_size() == 1:
-        return model
-    return ddp_model(model, device, broadcast_buffers)
+    return model if get_world_size() == 1 else ddp_model(model, device, broadcast_buffers)
 
 
 def ddp_model(

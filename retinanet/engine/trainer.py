@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ from .distributed import (
     get_world_size,
     is_main_process,
     main_process_first,
-    reduce_mean,
     run_on_main,
 )
 from .inference import evaluate_model
@@ -185,7 +184,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         if "best" in state:
-            self.best = BestModel.from_dict(state["best"])
+            self.best = BestModel(**state["best"])
             self.best.metric = self.cfg.train.best_metric
         self.start_iter = int(state["iteration"])
         if is_main_process():
@@ -193,7 +192,7 @@ class Trainer:
 
     def prepare_to_run(self) -> None:
         """config.yaml, compilation, the step's parts, the loader from `start_iter` and the log."""
-        cfg, world_size = self.cfg, get_world_size()
+        cfg = self.cfg
         if is_main_process():
             atomic_write_text(self.output_dir / "config.yaml", config_to_yaml(cfg))
         if cfg.train.compile:
@@ -208,7 +207,7 @@ class Trainer:
             cfg.train.clip_grad_norm,
         )
         self.loader = build_train_loader(
-            cfg, self.train_set, self.start_iter, get_rank(), world_size, self.device
+            cfg, self.train_set, self.start_iter, get_rank(), get_world_size(), self.device
         )
         self.log = MetricsLog(self.output_dir, self.start_iter, enabled=is_main_process())
 
@@ -219,17 +218,11 @@ class Trainer:
         stop), then write the final checkpoint and evaluate."""
         max_iter = self.cfg.train.max_iter
         end_iter = max_iter if stop_at_iteration is None else min(max_iter, stop_at_iteration)
-        patience = self.cfg.train.early_stop_patience
         # A run that stopped early and is resumed only redoes its end.
-        self.stopped_early = evaluate and self.best.exhausted(patience)
+        self.stopped_early = evaluate and self.best.exhausted(self.cfg.train.early_stop_patience)
         done = self.start_iter
-        bar = tqdm(
-            total=max_iter,
-            initial=self.start_iter,
-            disable=not (self.progress and is_main_process()),
-            dynamic_ncols=True,
-        )
-        try:
+        show = self.progress and is_main_process()
+        with tqdm(total=max_iter, initial=done, disable=not show, dynamic_ncols=True) as bar:
             if not self.stopped_early:
                 self.model.train()
                 # Loader workers start before our signal handlers exist, so they keep the
@@ -238,8 +231,6 @@ class Trainer:
                 with StopSignals() as signals:
                     self.step_parts.stop_requested = signals.requested
                     done = self.loop(data_iter, end_iter, evaluate, signals, bar)
-        finally:
-            bar.close()
         self.report_skipped_images()
         if done < max_iter and not self.stopped_early:  # stopped on request: as if interrupted
             self.log.close()
@@ -270,10 +261,10 @@ class Trainer:
             if done % train.log_period == 0 or done == end_iter:
                 self.write_log(done, window, bar)
                 window = LogWindow()
-            if evaluate and train.eval_period > 0 and done % train.eval_period == 0:
-                if done < train.max_iter:
-                    self.evaluate(done, final=False)
-                    self.stopped_early = self.best.exhausted(train.early_stop_patience)
+            periodic_eval = train.eval_period > 0 and done % train.eval_period == 0
+            if evaluate and periodic_eval and done < train.max_iter:
+                self.evaluate(done, final=False)
+                self.stopped_early = self.best.exhausted(train.early_stop_patience)
             if self.stopped_early:
                 return done
             if done % train.checkpoint_period == 0 and done < train.max_iter:
@@ -323,7 +314,7 @@ class Trainer:
         )
 
     def write_log(self, done: int, window: LogWindow, bar: tqdm) -> None:
-        values = window.values(reduce_mean)
+        values = window.values()
         values.update(
             lr=self.optimizer.param_groups[0]["lr"],
             eta_seconds=values["time"] * (self.cfg.train.max_iter - done),
@@ -352,17 +343,15 @@ class Trainer:
         `last_checkpoint` names, else weights only (the final and best models)."""
         path = None
         if is_main_process():
-            keep = training_state
+            training = (self.optimizer, self.scheduler, self.scaler) if training_state else ()
             path = save_checkpoint(
                 self.output_dir / (name or f"model_{iteration:07d}.pth"),
                 self.model,
                 self.cfg,
                 self.classes,
                 iteration,
-                self.optimizer if keep else None,
-                self.scheduler if keep else None,
-                self.scaler if keep else None,
-                extra={"best": self.best.to_dict()} if keep else None,
+                *training,
+                extra={"best": asdict(self.best)} if training_state else None,
             )
             if training_state:
                 mark_last_checkpoint(self.output_dir, path)
@@ -407,7 +396,7 @@ class Trainer:
         if cfg.train.eval_period > 0 and self.best.update(iteration, numbers):
             self.save(iteration, BEST_CHECKPOINT, training_state=False)
             if is_main_process():
-                best = {**self.best.to_dict(), "evaluation": name, "metrics": numbers}
+                best = {**asdict(self.best), "evaluation": name, "metrics": numbers}
                 atomic_write_json(self.output_dir / BEST_METRICS_FILE, best)
         return metrics
 
