@@ -11,18 +11,16 @@ __version__ = "0.3.0"
 
 __all__ = ["Detections", "Detector", "__version__"]
 
-# Exported names -> their module, imported on first use: `import retinanet` (the command line's
-# start, `retinanet --version`, setuptools reading __version__) must not pay for importing torch.
-_LAZY = {"Detector": "retinanet.detector", "Detections": "retinanet.detector"}
 
-
+# The exported classes are imported on first use: `import retinanet` (the command line's start,
+# `retinanet --version`, setuptools reading __version__) must not pay for importing torch.
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    if name in ("Detector", "Detections"):
+        from . import detector
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(detector, name)
     raise AttributeError(f"module 'retinanet' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(__all__))

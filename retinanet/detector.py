@@ -30,8 +30,8 @@ from .data.build import build_transform
 from .data.classes import ClassInfo
 from .engine.checkpoint import load_trained_model
 from .engine.device import resolve_device
-from .engine.inference import detections_to_numpy
-from .engine.precision import AmpMode, autocast, resolve_amp
+from .engine.inference import run_inference
+from .engine.precision import AmpMode, resolve_amp
 from .model.retinanet import RetinaNet
 
 # A path to an image file, or an (H, W, 3) uint8 image (BGR unless the call says rgb=True).
@@ -174,10 +174,6 @@ class Detector:
             config=cfg,
         )
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.classes.names)
-
     def __call__(
         self, images: ImageInput | Sequence[ImageInput], rgb: bool = False
     ) -> Detections | list[Detections]:
@@ -192,7 +188,6 @@ class Detector:
             results += self.detect_rgb(batch)
         return results
 
-    @torch.no_grad()
     def detect_rgb(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """One forward pass over (H, W, 3) uint8 RGB images, whatever their number."""
         if not images:
@@ -208,16 +203,11 @@ class Detector:
                     "crowd_boxes": torch.zeros(0, 4),
                     "image_id": 0,
                     "orig_size": tuple(image.shape[:2]),
-                    "size": tuple(resized.shape[:2]),
                 }
             )
-        batch = collate_detection(samples, self.size_divisibility).to(self.device)
-        with autocast(self.amp, self.device):
-            outputs = self.model(batch.images, batch.image_sizes)
-        detections = self.model.detect(
-            outputs, batch.image_sizes, torch.tensor(batch.orig_sizes, device=self.device)
-        )
-        return [self._to_detections(detections_to_numpy(d)) for d in detections]
+        batch = collate_detection(samples, self.size_divisibility)
+        _, detections = run_inference(self.model, [batch], self.device, self.amp)
+        return [self._to_detections(d) for d in detections]
 
     def _to_detections(self, det: dict[str, np.ndarray]) -> Detections:
         keep = det["scores"] >= self.score_threshold

@@ -37,17 +37,16 @@ from retinanet.engine.distributed import is_main_process
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="base YAML config (required unless --list)")
-    parser.add_argument("--output-dir", default=None, help="grid folder (required unless --list)")
-    parser.add_argument("--grid", default=None, help=f"one of {', '.join(GRIDS)} (default table1b)")
+    parser.add_argument("--config", help="base YAML config (required unless --list)")
+    parser.add_argument("--output-dir", help="grid folder (required unless --list)")
+    parser.add_argument("--grid", help=f"one of {', '.join(GRIDS)} (default table1b)")
     parser.add_argument(
-        "--max-iter", type=int, default=None, help="iterations per setting (default: the config's)"
+        "--max-iter", type=int, help="iterations per setting (default: the config's)"
     )
     parser.add_argument(
         "--only",
         nargs="+",
         action="extend",
-        default=None,
         metavar="NAME",
         help="run only these settings (see --list)",
     )

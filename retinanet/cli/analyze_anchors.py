@@ -25,7 +25,7 @@ from retinanet.config import load_config
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--output-dir", default=None, help="where the table, JSON and plot go")
+    parser.add_argument("--output-dir", help="where the table, JSON and plot go")
     parser.add_argument(
         "--max-images",
         type=int,

@@ -36,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GAMMA",
         help="focal-loss gammas to evaluate (default 0 0.5 1 2)",
     )
-    parser.add_argument(
-        "--num-images", type=int, default=None, help="images to sample (default: all)"
-    )
+    parser.add_argument("--num-images", type=int, help="images to sample (default: all)")
     parser.add_argument("--split", choices=SPLITS, default="val")
     parser.add_argument(
         "--view",

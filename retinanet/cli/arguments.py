@@ -13,7 +13,7 @@ def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
 
 def add_checkpoint_config(parser: argparse.ArgumentParser) -> None:
     """--config for commands that read a checkpoint, whose stored config is the default."""
-    parser.add_argument("--config", default=None, help="YAML config (default: the checkpoint's)")
+    parser.add_argument("--config", help="YAML config (default: the checkpoint's)")
 
 
 def add_seed(parser: argparse.ArgumentParser, what: str) -> None:

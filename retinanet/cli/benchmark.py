@@ -47,10 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="", help="'' (fp32), auto, bf16, fp16: train step")
     parser.add_argument("--channels-last", action="store_true", help="train step channels-last")
     parser.add_argument("--batch", type=int, default=2, help="train step batch size")
-    parser.add_argument("--height", type=int, default=None, help="800 (train step, inference)")
-    parser.add_argument(
-        "--width", type=int, default=None, help="1088 (train step), 1333 (inference)"
-    )
+    parser.add_argument("--height", type=int, help="800 (train step, inference)")
+    parser.add_argument("--width", type=int, help="1088 (train step), 1333 (inference)")
     parser.add_argument("--inference", action="store_true", help="R50-FPN inference images/s")
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 8], help="--inference batch sizes"
@@ -63,12 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="--recipe: steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="--recipe: processes per mode")
     parser.add_argument("--compile", metavar="CONFIG", help="time CONFIG's step compiled vs eager")
-    parser.add_argument("--output", default=None, help="write the results as JSON")
+    parser.add_argument("--output", help="write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    amp = resolve_amp(args.amp, device)
     torch.manual_seed(0)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(
@@ -84,18 +81,11 @@ def run(args: argparse.Namespace) -> int:
         ]
     if args.train_step:
         target = 0.7 if device.type == "cpu" else 1 / 2.5
-        comparisons.append(
-            benchmark_train_step(
-                device,
-                args.batch,
-                args.height or 800,
-                args.width or 1088,
-                amp,
-                args.channels_last,
-                max(2, args.repeats // 2),
-                target_ratio=target,
-            )  # fmt: skip
-        )
+        amp = resolve_amp(args.amp, device)
+        step = benchmark_train_step(device, args.batch, args.height or 800, args.width or 1088,
+                                    amp, args.channels_last, max(2, args.repeats // 2),
+                                    target_ratio=target)  # fmt: skip
+        comparisons.append(step)
     if args.compile:
         comparisons.append(
             benchmark_compile(args.compile, device, args.amp or "auto", repeats=args.repeats)
@@ -106,20 +96,15 @@ def run(args: argparse.Namespace) -> int:
         if min(args.batch_sizes) < 1:
             raise ValueError(f"--batch-sizes must be positive, got {args.batch_sizes}")
         contenders = [TORCHVISION] + [c for c in args.contenders if c != TORCHVISION]
+        size = (args.height or 800, args.width or 1333)
         throughputs.append(
-            benchmark_inference(
-                device,
-                args.batch_sizes,
-                args.height or 800,
-                args.width or 1333,
-                args.repeats,
-                contenders,
-            )
+            benchmark_inference(device, args.batch_sizes, *size, args.repeats, contenders)
         )
     _print_results(comparisons, modes)
     for t in throughputs:
         print(_throughput_table(t))
     if args.output:
+        results = [r.to_dict() for r in [*comparisons, *modes, *throughputs]]
         atomic_write_json(
             args.output,
             {
@@ -127,9 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 "device_name": device_name(device),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
-                "results": [c.to_dict() for c in comparisons]
-                + [m.to_dict() for m in modes]
-                + [t.to_dict() for t in throughputs],
+                "results": results,
             },
         )
     return 0
@@ -144,10 +127,8 @@ def _print_results(comparisons: list, modes: list) -> None:
             verdict = f" (target <= {c.target_ratio:.2f}x: {met})"
         memory = ""
         if getattr(c, "ours_peak_mib", None) is not None:
-            memory = (
-                f"; peak memory ours {c.ours_peak_mib:.0f} MiB, "
-                f"other {c.torchvision_peak_mib:.0f} MiB"
-            )
+            peaks = f"ours {c.ours_peak_mib:.0f} MiB, other {c.torchvision_peak_mib:.0f} MiB"
+            memory = f"; peak memory {peaks}"
         print(f"{c.name}: ours {c.ours_s:.4f} s, other {c.torchvision_s:.4f} s, "
               f"ratio {c.ratio:.3f}x{verdict}{memory}")  # fmt: skip
     for m in modes:

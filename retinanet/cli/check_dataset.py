@@ -26,12 +26,12 @@ _LISTED = 50  # problems printed per dataset; --output holds all of them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config whose data.* to check")
+    parser.add_argument("--config", help="YAML config whose data.* to check")
     parser.add_argument("--split", choices=("train", "val", "all"), default="all")
-    parser.add_argument("--images", default=None, help="image folder (instead of --config)")
-    parser.add_argument("--annotations", default=None, help="instances JSON (with --images)")
+    parser.add_argument("--images", help="image folder (instead of --config)")
+    parser.add_argument("--annotations", help="instances JSON (with --images)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
-    parser.add_argument("--output", default=None, help="write the full report to this JSON")
+    parser.add_argument("--output", help="write the full report to this JSON")
     parser.add_argument("--strict", action="store_true", help="repairs count as failures too")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="with --config")
 

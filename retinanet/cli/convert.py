@@ -20,9 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES)
     parser.add_argument("src", help="torchvision .pth state dict or Detectron2 model_final.pkl")
     parser.add_argument("--output", required=True, help="checkpoint to write")
-    parser.add_argument(
-        "--config", default=None, help="config of the architecture (default: per source)"
-    )
+    parser.add_argument("--config", help="config of the architecture (default: per source)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from retinanet.engine.inference import evaluate_model
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_config(parser)
     parser.add_argument("--weights", required=True, help="checkpoint (.pth) of this project")
-    parser.add_argument("--output-dir", default=None, help="default: <weights folder>/eval")
+    parser.add_argument("--output-dir", help="default: <weights folder>/eval")
     add_device(parser)
     parser.add_argument(
         "--confusion-score-threshold",
@@ -58,13 +58,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = main_process_first(lambda: resolve_data_paths(cfg))
     dataset = build_dataset(cfg, "val", training=False)
     metrics = evaluate_model(
-        model,
-        dataset,
-        classes,
-        device,
-        cfg,
-        output_dir=output_dir,
-        progress=True,
+        model, dataset, classes, device, cfg, output_dir=output_dir, progress=True
     )
     if is_main_process():
         if not args.no_plots:

@@ -36,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="checkpoint (.pth) of this project")
     parser.add_argument("--output", required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    parser.add_argument(
-        "--batch-size", type=_batch_size, default=None, help="N or 'dynamic' (default)"
-    )
+    parser.add_argument("--batch-size", type=_batch_size, help="N or 'dynamic' (default)")
     add_overrides(parser)
 
 

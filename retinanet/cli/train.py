@@ -23,9 +23,7 @@ from retinanet.engine.trainer import train
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument(
-        "--output-dir",
-        default=None,
-        help="where checkpoints and logs go (default runs/<config name>)",
+        "--output-dir", help="where checkpoints and logs go (default runs/<config name>)"
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --output-dir"
@@ -33,11 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device(parser)
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     parser.add_argument(
-        "--stop-at",
-        type=int,
-        default=None,
-        metavar="ITER",
-        help="stop after ITER iterations as if interrupted",
+        "--stop-at", type=int, metavar="ITER", help="stop after ITER iterations as if interrupted"
     )
     add_overrides(parser)
 

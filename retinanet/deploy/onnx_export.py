@@ -81,23 +81,15 @@ class ExportableRetinaNet(nn.Module):
         generator = model.anchor_generator
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         strides = generator.level_strides(tuple(x.shape[-2:]), feature_sizes)
-        anchors = [
-            generator._grid_anchors(cell.to(x.device), size, stride)
-            for cell, size, stride in zip(
-                generator.cell_anchors, feature_sizes, strides, strict=True
-            )
-        ]
+        levels = zip(generator.cell_anchors, feature_sizes, strides, strict=True)
+        anchors = [generator._grid_anchors(c.to(x.device), size, s) for c, size, s in levels]
         image_size = torch._shape_as_tensor(images)[2:].to(x.device)[None]  # (1, 2) (H, W)
         detections = model.postprocessor.padded(
             [cls for cls, _ in head], [box for _, box in head], anchors, image_size
         )
         labels = self.category_ids[detections.labels.clamp(min=0)]
-        return (
-            detections.boxes,
-            detections.scores,
-            torch.where(detections.labels >= 0, labels, -1),
-            detections.num_detections,
-        )
+        labels = torch.where(detections.labels >= 0, labels, -1)
+        return detections.boxes, detections.scores, labels, detections.num_detections
 
 
 def _only_checks(warning: warnings.WarningMessage) -> bool:
@@ -112,11 +104,7 @@ def _only_checks(warning: warnings.WarningMessage) -> bool:
 
 
 def onnx_metadata(
-    model: RetinaNet,
-    classes: ClassInfo,
-    size_divisibility: int,
-    min_size: int,
-    max_size: int,
+    model: RetinaNet, classes: ClassInfo, size_divisibility: int, min_size: int, max_size: int
 ) -> dict[str, str]:
     """The key/value metadata stored in the ONNX file: classes, the test-time resize the caller
     must apply, and the postprocessing settings baked into the graph."""
@@ -207,8 +195,7 @@ def export_onnx(
         )
     exported = onnx.load(str(output))
     metadata = onnx_metadata(model, classes, size_divisibility, min_size, max_size)
-    for key, value in metadata.items():
-        exported.metadata_props.add(key=key, value=value)
+    onnx.helper.set_model_props(exported, metadata)
     exported.doc_string = "RetinaNet detector; metadata 'input' and 'outputs' give the contract"
     onnx.checker.check_model(exported)
     onnx.save(exported, str(output))

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,10 +30,14 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..config import Config, load_config
+from ..data.classes import ClassInfo
 from ..data.collate import Batch
+from ..deploy.onnx_export import export_onnx
 from ..model.build import build_model
+from ..model.foreign_weights import convert_torchvision
 from ..model.head import HeadOutputs
 from ..model.retinanet import RetinaNet
+from .checkpoint_conversion import CONFIG_DIR
 from .optim import build_optimizer, create_optimizer
 from .precision import autocast, grad_scaler, resolve_amp
 from .step import StepParts, compile_network, train_step
@@ -51,14 +55,8 @@ class Comparison:
         return self.ours_s / self.torchvision_s
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "ours_s": self.ours_s,
-            "torchvision_s": self.torchvision_s,
-            "ratio": self.ratio,
-            "target_ratio": self.target_ratio,
-            "meets_target": None if self.target_ratio is None else self.ratio <= self.target_ratio,
-        }
+        met = None if self.target_ratio is None else self.ratio <= self.target_ratio
+        return {**asdict(self), "ratio": self.ratio, "meets_target": met}
 
 
 def _sync(device: torch.device) -> None:
@@ -100,9 +98,10 @@ def random_targets(
     boxes_per_image: int,
     num_classes: int,
     generator: torch.Generator,
+    device: torch.device,
 ) -> list[dict[str, torch.Tensor]]:
-    """COCO-like boxes: log-uniform sizes from 16 to 512 px, aspect ratios 1/3 to 3, inside
-    the image."""
+    """COCO-like boxes on `device`: log-uniform sizes from 16 to 512 px, aspect ratios 1/3 to 3,
+    inside the image."""
     targets = []
     for _ in range(batch):
         size = torch.exp(
@@ -117,7 +116,7 @@ def random_targets(
         y1 = torch.rand(boxes_per_image, generator=generator) * (height - h)
         boxes = torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
         labels = torch.randint(0, num_classes, (boxes_per_image,), generator=generator)
-        targets.append({"boxes": boxes, "labels": labels})
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
     return targets
 
 
@@ -168,10 +167,7 @@ def benchmark_loss(
     num_anchors = anchors.shape[0]
     cls_logits = (torch.randn(batch, num_anchors, num_classes, generator=g) - 4.0).to(device)
     box_deltas = (0.1 * torch.randn(batch, num_anchors, 4, generator=g)).to(device)
-    targets = [
-        {k: v.to(device) for k, v in t.items()}
-        for t in random_targets(batch, height, width, boxes_per_image, num_classes, g)
-    ]
+    targets = random_targets(batch, height, width, boxes_per_image, num_classes, g, device)
 
     def ours_step() -> None:
         logits = cls_logits.clone().requires_grad_()
@@ -188,13 +184,8 @@ def benchmark_loss(
         (losses["classification"] + losses["bbox_regression"]).backward()
 
     ours_s, ref_s = time_alternating(ours_step, reference_step, repeats, device)
-    return Comparison(
-        f"loss fwd+bwd (batch {batch}, {height}x{width}, {num_classes} classes, "
-        f"{boxes_per_image} boxes)",
-        ours_s,
-        ref_s,
-        0.35,
-    )
+    shape = f"batch {batch}, {height}x{width}, {num_classes} classes"
+    return Comparison(f"loss fwd+bwd ({shape}, {boxes_per_image} boxes)", ours_s, ref_s, 0.35)
 
 
 def benchmark_postprocess(
@@ -247,13 +238,6 @@ class TrainStepComparison(Comparison):
     ours_peak_mib: float | None = None
     torchvision_peak_mib: float | None = None
 
-    def to_dict(self) -> dict:
-        return {
-            **super().to_dict(),
-            "ours_peak_mib": self.ours_peak_mib,
-            "torchvision_peak_mib": self.torchvision_peak_mib,
-        }
-
 
 def _peak_mib(
     step: Callable[[], object], device: torch.device, optimizers: list[torch.optim.Optimizer]
@@ -273,9 +257,7 @@ def _peak_mib(
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def torchvision_finetuning_retinanet(
-    num_classes: int, height: int = 800, width: int = 1333
-) -> torch.nn.Module:
+def torchvision_finetuning_retinanet(num_classes: int, height: int, width: int) -> torch.nn.Module:
     """torchvision's retinanet_resnet50_fpn as it is built to fine-tune from ImageNet weights
     (frozen BatchNorm, stem and res2 frozen: trainable_backbone_layers=3), with random
     weights; our R50 recipes freeze the same layers. (Without backbone weights torchvision
@@ -313,27 +295,21 @@ def benchmark_train_step(
     if channels_last:
         ours.use_channels_last()
         reference.to(memory_format=torch.channels_last)
-    images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8).to(
-        device
-    )
+    shape = (batch, 3, height, width)
+    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)
     sizes = torch.tensor([[height, width]] * batch, device=device)
-    targets = [
-        {k: v.to(device) for k, v in t.items()}
-        for t in random_targets(batch, height, width, 20, 80, g)
-    ]
-    for t in targets:
-        t["crowd_boxes"] = torch.zeros(0, 4, device=device)
-    step_batch = Batch(images, sizes, targets, list(range(batch)), [(height, width)] * batch)
+    targets = random_targets(batch, height, width, 20, 80, g, device)
+    no_crowd = [{**t, "crowd_boxes": torch.zeros(0, 4, device=device)} for t in targets]
+    step_batch = Batch(images, sizes, no_crowd, list(range(batch)), [(height, width)] * batch)
     parts = StepParts(
         ours, ours, create_optimizer(ours, "sgd", 1e-4, 1e-4), amp, device, grad_scaler(amp, device)
     )
     reference_optimizer = torch.optim.SGD(
         [p for p in reference.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
     )
-    # torchvision's reference scripts scale fp16 losses too.
-    reference_scaler = grad_scaler(amp, device)
+    # torchvision's reference scripts scale fp16 losses too (a disabled scaler passes through).
+    scaler = grad_scaler(amp, device) or torch.amp.GradScaler(device.type, enabled=False)
     float_images = [im.float() / 255 for im in images]
-    reference_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
 
     def ours_step() -> None:
         train_step(parts, step_batch, progress=0.5)
@@ -341,35 +317,20 @@ def benchmark_train_step(
     def reference_step() -> None:
         reference_optimizer.zero_grad(set_to_none=True)
         with autocast(amp, device):
-            losses = reference(float_images, reference_targets)
-        loss = sum(losses.values())
-        if reference_scaler is None:
-            loss.backward()
-            reference_optimizer.step()
-        else:
-            reference_scaler.scale(loss).backward()
-            reference_scaler.step(reference_optimizer)
-            reference_scaler.update()
+            losses = reference(float_images, targets)
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(reference_optimizer)
+        scaler.update()
 
     ours_s, ref_s = time_alternating(ours_step, reference_step, repeats, device)
     optimizers = [parts.optimizer, reference_optimizer]
-    ours_peak = _peak_mib(ours_step, device, optimizers)
-    reference_peak = _peak_mib(reference_step, device, optimizers)
-    precision = amp or "fp32"
+    peaks = [_peak_mib(step, device, optimizers) for step in (ours_step, reference_step)]
     layout = ", channels-last" if channels_last else ""
-    return TrainStepComparison(
-        f"train step R50-FPN (batch {batch}, {height}x{width}, {precision}{layout})",
-        ours_s,
-        ref_s,
-        target_ratio,
-        ours_peak,
-        reference_peak,
-    )
+    name = f"train step R50-FPN (batch {batch}, {height}x{width}, {amp or 'fp32'}{layout})"
+    return TrainStepComparison(name, ours_s, ref_s, target_ratio, *peaks)
 
 
-# --------------------------------------------------------------------------------------------
 # Inference: images per second of each way of running our detector, against torchvision's
-# --------------------------------------------------------------------------------------------
 
 TORCHVISION = "torchvision"
 # torchvision pads batches to a multiple of 32, and so does the converted config.
@@ -423,9 +384,6 @@ def same_r50_models(
     random weights, and ours converted from it (configs/torchvision_retinanet_R50_FPN.yaml,
     BatchNorm eps as torchvision's untrained model): the same network and the same detections.
     torchvision's resize is set to leave (height, width) images at their size, as ours does."""
-    from ..model.foreign_weights import convert_torchvision
-    from .checkpoint_conversion import CONFIG_DIR
-
     torch.manual_seed(seed)
     reference = retinanet_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=num_classes,
@@ -442,9 +400,6 @@ def _onnx_session(model: RetinaNet, device: torch.device, size_divisibility: int
     """ONNX Runtime session of `model` exported with a dynamic batch, and the export's
     seconds."""
     import onnxruntime as ort
-
-    from ..data.classes import ClassInfo
-    from ..deploy.onnx_export import export_onnx
 
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
@@ -519,10 +474,8 @@ def benchmark_inference(
     for batch in batch_sizes:
         images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8)
         steps = _inference_steps(reference, models, session, images.to(device), device)
+        steps = {n: step for n, step in steps.items() if n not in result.skipped}
         for name, step in list(steps.items()):
-            if name in result.skipped:
-                del steps[name]
-                continue
             start = time.perf_counter()
             try:
                 step()  # the warm-up; compiles the compiled contender for this batch size
@@ -577,9 +530,7 @@ def _inference_steps(
     return steps
 
 
-# --------------------------------------------------------------------------------------------
 # A recipe's own training step: precision modes and torch.compile
-# --------------------------------------------------------------------------------------------
 
 
 def synthetic_training_step(
@@ -645,23 +596,20 @@ class ModeComparison:
     details: dict[str, str]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "seconds": self.seconds, "details": self.details}
+        return asdict(self)
 
 
 def benchmark_recipe_modes(config: str | Path, steps: int = 10, rounds: int = 2) -> ModeComparison:
     """The recipe's CPU training step as this CPU runs it (precision.amp=auto: bf16 where native)
     and as a CPU with AVX2 only runs it (fp32, oneDNN/ATen limited to AVX2), each mode in its
     own process (the ISA limit is read at start-up), alternating `rounds` times."""
-    modes = {
-        "native_auto": ({}, "auto"),
-        "avx2_fp32": (AVX2_ENVIRONMENT, ""),
-    }
+    modes = {"native_auto": ({}, "auto"), "avx2_fp32": (AVX2_ENVIRONMENT, "")}
     times: dict[str, list[float]] = {name: [] for name in modes}
     details: dict[str, str] = {}
     for _ in range(rounds):
         for name, (env, amp) in modes.items():
-            command = [sys.executable, "-m", "retinanet.engine.benchmark", "--recipe-step",
-                       str(config), "--amp", amp, "--steps", str(steps)]  # fmt: skip
+            command = [sys.executable, "-m", "retinanet.engine.benchmark", str(config), amp,
+                       str(steps)]  # fmt: skip
             run = subprocess.run(
                 command, env={**os.environ, **env}, capture_output=True, text=True, check=False
             )
@@ -696,29 +644,14 @@ def benchmark_compile(
         lambda: train_step(compiled, batch, 0.5), lambda: train_step(eager, batch, 0.5),
         repeats, device,
     )  # fmt: skip
-    return Comparison(
-        f"{Path(config).name} step compiled vs eager ({amp or 'fp32'}; compiling took "
-        f"{compile_s:.0f} s)",
-        ours_s,
-        eager_s,
-        1.0,
-    )
-
-
-def _recipe_step_main(argv: list[str]) -> None:
-    """Entry point of the per-mode processes of `benchmark_recipe_modes`."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe-step", required=True)
-    parser.add_argument("--amp", default="")
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args(argv)
-    device = torch.device("cpu")
-    times = time_recipe_step(args.recipe_step, device, args.amp, args.steps)
-    print(json.dumps({"times": times, "amp": resolve_amp(args.amp, device) or "fp32",
-                      "cpu_capability": torch.backends.cpu.get_cpu_capability()}))  # fmt: skip
+    what = f"{amp or 'fp32'}; compiling took {compile_s:.0f} s"
+    return Comparison(f"{Path(config).name} step compiled vs eager ({what})", ours_s, eager_s, 1.0)
 
 
 if __name__ == "__main__":
-    _recipe_step_main(sys.argv[1:])
+    # A per-mode process of `benchmark_recipe_modes`: arguments CONFIG AMP STEPS.
+    config, amp, steps = sys.argv[1:]
+    device = torch.device("cpu")
+    times = time_recipe_step(config, device, amp, int(steps))
+    print(json.dumps({"times": times, "amp": resolve_amp(amp, device) or "fp32",
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability()}))  # fmt: skip

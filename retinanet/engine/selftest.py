@@ -27,11 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torchvision
 
+from ..config import load_config
 from ..files import atomic_write_json
-from .benchmark import synthetic_training_step
+from .benchmark import benchmark_train_step, synthetic_training_step
 from .device import device_name, resolve_device
+from .distributed import init_distributed, shutdown_distributed
 from .host_sync import HostSyncCounter
+from .precision import resolve_amp
+from .step import ddp_model, train_step
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_PACKAGES = ("albumentations", "pycocotools", "cv2")
@@ -54,26 +60,11 @@ def missing_packages() -> list[str]:
     return [name for name in DATA_PACKAGES if importlib.util.find_spec(name) is None]
 
 
-def _require_data_packages() -> None:
-    missing = missing_packages()
-    if missing:
-        raise Skipped(
-            f"{', '.join(missing)} not installed (the data path needs them): "
-            "pip install albumentations pycocotools opencv-python-headless, or install "
-            "their wheels carried to this machine"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Parts
-# --------------------------------------------------------------------------------------------
-
-
 def check_environment(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
     report = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
+        "torchvision": torchvision.__version__,
         "device": str(device),
         "device_name": device_name(device),
         "missing_packages": missing_packages(),
@@ -105,10 +96,6 @@ def run_cuda_tests(device: torch.device, options: SelfTestOptions) -> dict[str, 
 def count_host_syncs(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
     """Training steps of the shapes-recipe network on a random batch (no dataset needed):
     syncs per step after a warm-up step, and peak memory."""
-    from ..config import load_config
-    from .precision import resolve_amp
-    from .step import train_step
-
     cfg = load_config(REPO / "configs" / "shapes.yaml", ["precision.amp=auto"])
     amp = resolve_amp(cfg.precision.amp, device)
     parts, batch = synthetic_training_step(cfg, device, amp, batch_size=8 if options.quick else 16)
@@ -149,7 +136,9 @@ def run_ddp(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
                "--device", "cuda" if device.type == "cuda" else "cpu"]  # fmt: skip
     env = dict(os.environ)
     if device.type == "cuda":  # the worker's LOCAL_RANK 0 is then the GPU asked for
-        env["CUDA_VISIBLE_DEVICES"] = _visible_device(device)
+        # (the entry of `device` under the current CUDA_VISIBLE_DEVICES, if it is set)
+        visible = env.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        env["CUDA_VISIBLE_DEVICES"] = visible[device.index] if visible[0] else str(device.index)
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if run.returncode != 0 or not report_file.is_file():
         tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
@@ -157,23 +146,8 @@ def run_ddp(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
     return json.loads(report_file.read_text())
 
 
-def _visible_device(device: torch.device) -> str:
-    """The CUDA_VISIBLE_DEVICES entry of `device` under the current CUDA_VISIBLE_DEVICES."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return visible.split(",")[device.index]
-    return str(device.index)
-
-
 def ddp_worker(report_file: str, device_spec: str) -> None:
     """Run inside torchrun by `run_ddp`."""
-    import torch.distributed as dist
-
-    from ..config import load_config
-    from .distributed import init_distributed, shutdown_distributed
-    from .precision import resolve_amp
-    from .step import ddp_model, train_step
-
     device = init_distributed(device_spec)
     try:
         cfg = load_config(REPO / "configs" / "shapes.yaml", ["precision.amp=auto"])
@@ -194,8 +168,13 @@ def ddp_worker(report_file: str, device_spec: str) -> None:
 
 
 def train_shapes(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
-    _require_data_packages()
-    from ..config import load_config
+    missing = missing_packages()
+    if missing:
+        raise Skipped(
+            f"{', '.join(missing)} not installed (the data path needs them): "
+            "pip install albumentations pycocotools opencv-python-headless, or install "
+            "their wheels carried to this machine"
+        )
     from .trainer import train
 
     output = options.output_dir / "shapes"
@@ -229,18 +208,12 @@ def train_shapes(device: torch.device, options: SelfTestOptions) -> dict[str, An
 
 
 def run_benchmark(device: torch.device, options: SelfTestOptions) -> dict[str, Any]:
-    from .benchmark import benchmark_train_step
-    from .precision import resolve_amp
-
-    amp = resolve_amp("auto", device)
     if options.quick or device.type != "cuda":
-        comparison = benchmark_train_step(device, batch=1, height=256, width=320, amp=amp,
-                                          channels_last=True, repeats=2)  # fmt: skip
+        size: dict[str, Any] = {"batch": 1, "height": 256, "width": 320, "repeats": 2}
     else:
-        comparison = benchmark_train_step(device, batch=16, height=800, width=1344, amp=amp,
-                                          channels_last=True, repeats=3,
-                                          target_ratio=1 / 2.5)  # fmt: skip
-    return comparison.to_dict()
+        size = {"batch": 16, "height": 800, "width": 1344, "repeats": 3, "target_ratio": 1 / 2.5}
+    amp = resolve_amp("auto", device)
+    return benchmark_train_step(device, amp=amp, channels_last=True, **size).to_dict()
 
 
 PARTS: dict[str, Callable[[torch.device, SelfTestOptions], dict[str, Any]]] = {
@@ -280,13 +253,3 @@ def run_selftest(options: SelfTestOptions, echo: Callable[[str], None] = print) 
     report["ok"] = all(p["status"] != "failed" for p in report["parts"].values())
     atomic_write_json(options.output_dir / "report.json", report)
     return report
-
-
-# --------------------------------------------------------------------------------------------
-
-
-def _version(package: str) -> str | None:
-    try:
-        return __import__(package).__version__
-    except ImportError:
-        return None
