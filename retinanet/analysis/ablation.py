@@ -57,6 +57,7 @@ from retinanet.model.build import build_modulation
 FINAL_EVAL_DIR = "eval"
 FAILED_FILENAME = "failed.json"
 CONFIG_FILENAME = "config.yaml"
+METRICS = ("AP", "AP50", "AP75")
 
 
 @dataclass(frozen=True)
@@ -334,12 +335,10 @@ def setting_config(
             f"override {clashing[0]!r} sets a key that grid {grid!r} varies per setting "
             f"({', '.join(sorted(varied))})"
         )
-    cfg = load_config(config_path, [*overrides, *setting.overrides])
+    combined = [*overrides, *setting.overrides]
+    cfg = load_config(config_path, combined)
     if max_iter is not None:
-        cfg = load_config(
-            config_path,
-            [*overrides, *setting.overrides, *scaled_schedule_overrides(cfg, max_iter)],
-        )
+        cfg = load_config(config_path, combined + scaled_schedule_overrides(cfg, max_iter))
     return cfg
 
 
@@ -434,9 +433,6 @@ def _run_setting(
     return setting_status(run_dir)
 
 
-METRICS = ("AP", "AP50", "AP75")
-
-
 def seed_runs(output_dir: Path, setting: AblationSetting) -> list[Path]:
     """The finished or failed runs of `setting` under `output_dir`, first seed first."""
     runs = {0: output_dir / setting.name}
@@ -483,12 +479,10 @@ def ablation_rows(output_dir: str | os.PathLike, grid: str) -> list[dict[str, An
                 row[header] = config_value(cfg, key)
         for name in METRICS:
             row[name], row[f"{name}_std"] = mean_and_std([m[name] for m in finished])
+            paper = None if setting.paper is None else getattr(setting.paper, name) / 100
+            row[f"paper_{name}"] = paper
         row["seeds"] = len(finished)
         row["AP_per_seed"] = [m["AP"] for m in finished]
-        for name in METRICS:
-            row[f"paper_{name}"] = (
-                None if setting.paper is None else getattr(setting.paper, name) / 100
-            )
         row["error"] = "; ".join(failures) or None
         rows.append(row)
     return rows
@@ -513,7 +507,10 @@ def write_ablation_table(output_dir: str | os.PathLike, grid: str) -> dict[str, 
     for row in rows:
         line = [row["setting"], row["status"]]
         line += [format_value(row[h]) if h in row else MISSING for h, _ in spec.columns]
-        line += [_mean_cell(row, name, several_seeds) for name in METRICS]
+        line += [
+            mean_std_cell(row[name], row[f"{name}_std"] if several_seeds else None, percent)
+            for name in METRICS
+        ]
         if several_seeds:
             line += [str(row["seeds"]), ", ".join(percent(ap) for ap in row["AP_per_seed"])]
         line += [percent(row[c]) for c in paper_columns]
@@ -544,10 +541,6 @@ def write_ablation_table(output_dir: str | os.PathLike, grid: str) -> dict[str, 
     return write_table(output_dir, "ablation", [*columns, *extra], csv_rows, lines)
 
 
-def _mean_cell(row: dict[str, Any], name: str, several_seeds: bool) -> str:
-    return mean_std_cell(row[name], row[f"{name}_std"] if several_seeds else None, percent)
-
-
 def _warn_if_config_changed(setting_dir: Path, cfg: Config, name: str, status: str) -> None:
     """A finished setting is kept as it is; say so when its config differs from the one this
     run would use (e.g. another --max-iter), which would make the table mix two setups."""
@@ -569,10 +562,10 @@ def _read_final_metrics(setting_dir: Path) -> dict[str, float | None]:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
-    missing = [k for k in ("AP", "AP50", "AP75") if k not in metrics]
+    missing = [k for k in METRICS if k not in metrics]
     if missing:
         raise ValueError(f"{path} lacks the key(s) {missing}")
-    return {k: metrics[k] for k in ("AP", "AP50", "AP75")}
+    return {k: metrics[k] for k in METRICS}
 
 
 def _read_failure(setting_dir: Path) -> str:

@@ -28,6 +28,7 @@ nearest the box centre. That is 4 * A candidates per level and box, vectorised o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from retinanet.analysis.tables import markdown_table
 from retinanet.config import Config
 from retinanet.data.build import build_dataset, resolve_data_paths
 from retinanet.data.coco import CocoDetection
@@ -61,11 +63,9 @@ RATIO_SETS = ((0.5, 1.0, 2.0), (1 / 3, 0.5, 1.0, 2.0, 3.0), (0.25, 0.5, 1.0, 2.0
 MIN_GAIN_SIZES = 0.005
 MIN_GAIN_RATIOS = 0.01
 
-JSON_NAME, MARKDOWN_NAME, PLOT_NAME = (
-    "anchor_coverage.json",
-    "anchor_coverage.md",
-    "anchor_coverage.png",
-)
+JSON_NAME = "anchor_coverage.json"
+MARKDOWN_NAME = "anchor_coverage.md"
+PLOT_NAME = "anchor_coverage.png"
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def coverage_by_size(
     buckets = [("all", 0.0, math.inf), *COCO_BUCKETS]
     buckets += [
         (f"{_number(lo)}-{_number(hi)}" if math.isfinite(hi) else f"{_number(lo)}+", lo, hi)
-        for lo, hi in zip(FINE_EDGES[:-1], FINE_EDGES[1:], strict=True)
+        for lo, hi in itertools.pairwise(FINE_EDGES)
     ]
     result = []
     for name, lo, hi in buckets:
@@ -261,29 +261,26 @@ def suggest_anchors(
     boxes: ResizedBoxes,
     fg_iou_threshold: float,
     bg_iou_threshold: float,
-    current: AnchorSetting | None = None,
+    current: AnchorSetting,
 ) -> tuple[tuple[str, AnchorSetting], ...]:
     """Settings that raise the overall foreground coverage: the best rescaling of the sizes
     (aspect ratios kept), and the best with other aspect ratios too when that gains another
-    MIN_GAIN_RATIOS. Empty when no candidate beats `current` by MIN_GAIN_SIZES."""
-    if current is None:
-        current = evaluate_setting(generator, boxes, fg_iou_threshold, bg_iou_threshold)
+    MIN_GAIN_RATIOS. Empty when no candidate beats `current` (the config's anchors) by
+    MIN_GAIN_SIZES."""
     ratio_sets = [tuple(generator.aspect_ratios)] + [
         r for r in RATIO_SETS if not _same_values(r, generator.aspect_ratios)
     ]
     # Factors closest to 1 first, so that ties keep the smaller change.
     factors = sorted(SIZE_FACTORS, key=lambda f: abs(math.log(f)))
-    candidates = {}
+    candidates = []
     for ratios in ratio_sets:
         for factor in factors:
             sizes = tuple(round(s * factor, 1) for s in generator.sizes)
             variant = _variant(generator, sizes, ratios)
-            candidates[(sizes, ratios)] = evaluate_setting(
-                variant, boxes, fg_iou_threshold, bg_iou_threshold
-            )
-    same_ratios = [s for (_, r), s in candidates.items() if r == ratio_sets[0]]
-    best_sizes = max(same_ratios, key=lambda s: s.foreground)
-    best_any = max(candidates.values(), key=lambda s: s.foreground)
+            candidates.append(evaluate_setting(variant, boxes, fg_iou_threshold, bg_iou_threshold))
+    # The first len(factors) candidates keep the config's aspect ratios.
+    best_sizes = max(candidates[: len(factors)], key=lambda s: s.foreground)
+    best_any = max(candidates, key=lambda s: s.foreground)
     suggestions = []
     baseline = current.foreground
     if best_sizes.foreground >= current.foreground + MIN_GAIN_SIZES:
@@ -398,8 +395,7 @@ def plot_coverage(path: str | os.PathLike, study: AnchorCoverageStudy) -> Figure
         ax.text(i, 1.01, str(bucket.num_boxes), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [b.name for b in fine])
     ax.set_xlabel("box side sqrt(w h) after resize (px); number of boxes above the bars")
-    ax.set_ylabel("fraction of boxes")
-    ax.set_ylim(0, 1.12)
+    ax.set(ylabel="fraction of boxes", ylim=(0, 1.12))
     sizes = ",".join(_number(s) for s in study.current.sizes)
     ax.set_title(f"best anchor IoU of each training box, anchors [{sizes}]")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
@@ -408,22 +404,17 @@ def plot_coverage(path: str | os.PathLike, study: AnchorCoverageStudy) -> Figure
 
 
 def _table(setting: AnchorSetting, before: AnchorSetting | None) -> list[str]:
-    head = "| box side (px) | boxes | foreground | low-quality band | none | median best IoU |"
-    if before is not None:
-        head += " foreground now |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    headers = ["box side (px)", "boxes", "foreground", "low-quality band", "none"]
+    headers += ["median best IoU", *(["foreground now"] if before is not None else [])]
+    names = {"small": "small (<32)", "medium": "medium (32-96)", "large": "large (>96)"}
+    rows = []
     for i, b in enumerate(setting.buckets):
-        name = {"small": "small (<32)", "medium": "medium (32-96)", "large": "large (>96)"}.get(
-            b.name, b.name
-        )
-        row = (
-            f"| {name} | {b.num_boxes} | {_percent(b.foreground)} | {_percent(b.low_quality)} | "
-            f"{_percent(b.none)} | {_fixed(b.median_best_iou)} |"
-        )
+        row = [names.get(b.name, b.name), str(b.num_boxes), _percent(b.foreground)]
+        row += [_percent(b.low_quality), _percent(b.none), _fixed(b.median_best_iou)]
         if before is not None:
-            row += f" {_percent(before.buckets[i].foreground)} |"
-        lines.append(row)
-    return lines
+            row.append(_percent(before.buckets[i].foreground))
+        rows.append(row)
+    return markdown_table(headers, rows)
 
 
 def _variant(

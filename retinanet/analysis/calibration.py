@@ -87,7 +87,7 @@ def match_detections_to_gt(
     if n == 0 or m == 0:
         return DetectionMatches(correct, ignored)
 
-    overlap = _coco_overlap(det_boxes, gt_boxes, gt_iscrowd)  # (N, M)
+    overlap = box_overlap(det_boxes, gt_boxes, gt_iscrowd)  # (N, M)
     eligible = (det_labels[:, None] == gt_labels[None, :]) & (overlap >= iou_threshold)
     order = np.argsort(-det_scores, kind="stable")
     # Only detections with some eligible GT box take part in the greedy pass; the rest are
@@ -180,15 +180,7 @@ def calibration_metrics(
         mce = float(gap.max())
         brier = float(np.mean((confidences - correct) ** 2))
     return CalibrationResult(
-        bin_edges=bin_edges,
-        counts=counts,
-        mean_confidence=mean_confidence,
-        precision=precision,
-        d_ece=d_ece,
-        mce=mce,
-        brier=brier,
-        num_detections=n,
-        min_score=min_score,
+        bin_edges, counts, mean_confidence, precision, d_ece, mce, brier, n, min_score
     )
 
 
@@ -203,22 +195,16 @@ def reliability_diagram(result: CalibrationResult, path: str | os.PathLike, titl
     width = np.diff(result.bin_edges)
     filled = result.counts > 0
     low = float(result.bin_edges[0])
+    bars = {"align": "edge", "edgecolor": "black", "linewidth": 0.5}
+    # precision and mean confidence of the non-empty bins
+    precision, confidence = result.precision[filled], result.mean_confidence[filled]
 
     axis.plot([low, 1.0], [low, 1.0], linestyle="--", color="gray", label="perfect calibration")
+    axis.bar(left[filled], precision, width[filled], color="tab:blue", label="precision", **bars)
     axis.bar(
         left[filled],
-        result.precision[filled],
-        width=width[filled],
-        align="edge",
-        color="tab:blue",
-        edgecolor="black",
-        linewidth=0.5,
-        label="precision",
-    )
-    axis.bar(
-        left[filled],
-        (result.mean_confidence - result.precision)[filled],
-        bottom=result.precision[filled],
+        confidence - precision,
+        bottom=precision,
         width=width[filled],
         align="edge",
         color="tab:red",
@@ -229,8 +215,8 @@ def reliability_diagram(result: CalibrationResult, path: str | os.PathLike, titl
         label="gap to mean confidence",
     )
     axis.plot(
-        result.mean_confidence[filled],
-        result.precision[filled],
+        confidence,
+        precision,
         marker="o",
         color="black",
         markersize=4,
@@ -243,23 +229,10 @@ def reliability_diagram(result: CalibrationResult, path: str | os.PathLike, titl
     axis.legend(handles=[*axis.get_legend_handles_labels()[0], scores], loc="upper left")
     axis.set(xlim=(low, 1.0), ylim=(0.0, 1.0), ylabel="precision", title=title)
     if result.num_detections == 0:
-        axis.text(
-            0.5,
-            0.5,
-            f"no detections with score >= {result.min_score:g}",
-            transform=axis.transAxes,
-            ha="center",
-        )
+        note = f"no detections with score >= {result.min_score:g}"
+        axis.text(0.5, 0.5, note, transform=axis.transAxes, ha="center")
 
-    count_axis.bar(
-        left,
-        result.counts,
-        width=width,
-        align="edge",
-        color="gray",
-        edgecolor="black",
-        linewidth=0.5,
-    )
+    count_axis.bar(left, result.counts, width, color="gray", **bars)
     count_axis.set(xlabel="confidence", ylabel="detections", ylim=(0, max(1, result.counts.max())))
     atomic_savefig(path, figure, dpi=120)
 
@@ -331,10 +304,7 @@ def fit_temperature(logits: np.ndarray, correct: np.ndarray) -> float:
         slope, curvature = slope_and_curvature(b)
         if slope == 0.0:
             break
-        if slope > 0.0:
-            high = b
-        else:
-            low = b
+        low, high = (low, b) if slope > 0.0 else (b, high)
         newton = b - slope / curvature if curvature > 0.0 else math.nan
         next_b = newton if low < newton < high else 0.5 * (low + high)
         if abs(next_b - b) <= 1e-12 * b:
@@ -451,9 +421,7 @@ def _pool_adjacent_violators(
     return np.asarray(stack_start, dtype=np.int64), block_sum / block_weight
 
 
-def _coco_overlap(
-    det_boxes: np.ndarray, gt_boxes: np.ndarray, gt_iscrowd: np.ndarray
-) -> np.ndarray:
+def box_overlap(det_boxes: np.ndarray, gt_boxes: np.ndarray, gt_iscrowd: np.ndarray) -> np.ndarray:
     """(N, M) IoU of xyxy boxes; for crowd GT columns intersection / detection area instead
     (pycocotools' crowd rule). 0 where the denominator is 0."""
     top_left = np.maximum(det_boxes[:, None, :2], gt_boxes[None, :, :2])

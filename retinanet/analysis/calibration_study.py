@@ -31,7 +31,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,7 +42,7 @@ from pycocotools.coco import COCO
 from retinanet.analysis.ablation import setting_of_run
 from retinanet.analysis.calibration import (
     CalibrationResult,
-    DetectionMatches,
+    IsotonicCalibrator,
     apply_temperature,
     calibration_metrics,
     fit_isotonic,
@@ -63,7 +63,6 @@ from retinanet.analysis.tables import (
     percent,
     write_table,
 )
-from retinanet.config import Config
 from retinanet.data import CocoDetection
 from retinanet.data.build import build_dataset, build_test_loader, resolve_data_paths
 from retinanet.data.classes import ClassInfo
@@ -102,6 +101,8 @@ LOSS_KEYS = (
     "gamma_start",
     "alpha_start",
 )
+# The score sets that AP is reported for, and the suffix of their AP columns.
+AP_SUFFIXES = {"after_nms": "", "temperature": "_temperature", "isotonic": "_isotonic"}
 TABLE_COLUMNS = (
     "model",
     "checkpoint",
@@ -111,12 +112,7 @@ TABLE_COLUMNS = (
     "label_smoothing",
     *(f"{metric}_{name}" for name in SCORE_SETS for metric in ("d_ece", "mce", "brier")),
     "temperature",
-    "ap",
-    "ap50",
-    "ap_temperature",
-    "ap50_temperature",
-    "ap_isotonic",
-    "ap50_isotonic",
+    *(f"{metric}{suffix}" for suffix in AP_SUFFIXES.values() for metric in ("ap", "ap50")),
     "entropy_foreground",
     "entropy_background",
 )
@@ -150,7 +146,7 @@ class Predictions:
     detections: list[dict[str, np.ndarray]]
     candidates: list[dict[str, np.ndarray]]
     # mean class-score entropy of foreground / background anchors (see analysis/entropy.py)
-    entropy: dict[str, Any] = field(default_factory=dict)
+    entropy: dict[str, Any]
 
 
 @torch.no_grad()
@@ -170,7 +166,7 @@ def collect_predictions(
     above it match (matching is greedy in score order). Also tallies the entropy of the class
     scores of foreground and background anchors.
     """
-    predictions = Predictions([], [], [])
+    predictions = Predictions([], [], [], {})
     entropy = EntropyTally()
     for batch, outputs in iter_model_outputs(model, loader, device, amp, progress):
         _, anchor_classes, _ = model.criterion.match(outputs.anchors, batch.targets)
@@ -185,15 +181,9 @@ def collect_predictions(
         for i, image_id in enumerate(batch.image_ids):
             predictions.image_ids.append(int(image_id))
             predictions.detections.append(detections_to_numpy(detections[i]))
-            predictions.candidates.append(
-                detections_to_numpy(
-                    {
-                        "boxes": boxes[i, kept[i]],
-                        "scores": scores[i, kept[i]],
-                        "labels": labels[i, kept[i]],
-                    }
-                )
-            )
+            mask = kept[i]
+            candidate = dict(boxes=boxes[i, mask], scores=scores[i, mask], labels=labels[i, mask])
+            predictions.candidates.append(detections_to_numpy(candidate))
     predictions.entropy = entropy.means()
     return predictions
 
@@ -204,40 +194,11 @@ def ground_truth(coco: COCO, image_id: int) -> tuple[np.ndarray, np.ndarray, np.
     if image_id not in coco.imgs:
         raise ValueError(f"image id {image_id} is not in the COCO annotations")
     annotations = coco.imgToAnns.get(image_id, [])
-    if not annotations:
-        return np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, bool)
     xywh = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     categories = np.array([a["category_id"] for a in annotations], dtype=np.int64)
     crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations], dtype=bool)
     return boxes, categories, crowd
-
-
-def match_to_ground_truth(
-    coco: COCO,
-    image_ids: Sequence[int],
-    detections: Sequence[Mapping[str, np.ndarray]],
-    category_ids: Sequence[int],
-    iou_threshold: float,
-) -> list[DetectionMatches]:
-    """`match_detections_to_gt` for each image; detection labels are contiguous indices mapped
-    to dataset categories through `category_ids`, GT comes from `coco`."""
-    lookup = np.asarray(category_ids, dtype=np.int64)
-    matches = []
-    for image_id, det in zip(image_ids, detections, strict=True):
-        gt_boxes, gt_categories, gt_crowd = ground_truth(coco, image_id)
-        matches.append(
-            match_detections_to_gt(
-                det["boxes"],
-                det["scores"],
-                lookup[det["labels"]],
-                gt_boxes,
-                gt_categories,
-                gt_crowd,
-                iou_threshold,
-            )
-        )
-    return matches
 
 
 def model_name(weights: str | os.PathLike) -> str:
@@ -278,14 +239,20 @@ def calibrate_model(
     except ValueError as error:
         raise ValueError(f"{dataset.annotation_file}: {error}") from error
 
-    after_nms, before_nms, entropy = _scored_detections(
-        model, cfg, dataset, classes, device, min_score, settings.iou_threshold, progress
+    loader = build_test_loader(cfg, dataset)
+    predictions = collect_predictions(model, loader, device, min_score, cfg.precision.amp, progress)
+    after_nms, before_nms = (
+        _ScoredDetections(
+            dataset.coco, predictions.image_ids, sets, classes, settings.iou_threshold
+        )
+        for sets in (predictions.detections, predictions.candidates)
     )
-    temperature, isotonic, num_fit = _fit_calibrators(after_nms, fit_ids, min_score)
-    rescored = _rescored(after_nms.scores, temperature, isotonic)
-    results = _calibration_by_score_set(
-        before_nms, after_nms, rescored, eval_ids, min_score, settings.num_bins
-    )
+    temperature, isotonic, rescored, num_fit = _fit_calibrators(after_nms, fit_ids, min_score)
+    num_bins = settings.num_bins
+    results = {"before_nms": before_nms.calibration(eval_ids, min_score, num_bins)} | {
+        key: None if s is None else after_nms.calibration(eval_ids, min_score, num_bins, s)
+        for key, s in rescored.items()
+    }
     output_dir = Path(output_dir)
     _write_reliability_diagrams(
         results,
@@ -294,9 +261,9 @@ def calibrate_model(
     )
     coco_ap = {
         key: _average_precision(
-            dataset, after_nms, scores, classes, eval_ids, cfg.eval.backend, str(weights)
+            dataset, after_nms, rescores, eval_ids, cfg.eval.backend, str(weights)
         )
-        for key, scores in rescored.items()
+        for key, rescores in rescored.items()
     }
 
     record = {
@@ -308,39 +275,18 @@ def calibrate_model(
         "fit_image_ids": fit_ids,
         "eval_image_ids": eval_ids,
         "num_fit_detections": num_fit,
-        **_calibrator_records(temperature, isotonic),
+        "temperature": {"T": temperature.value, "error": temperature.error},
+        "isotonic": {"error": isotonic.error, **_knots(isotonic.value)},
         "calibration": {
             key: None if result is None else _result_record(result)
             for key, result in results.items()
         },
         "coco": coco_ap,
-        "entropy": entropy,
+        "entropy": predictions.entropy,
     }
     record = json_safe(record)
     atomic_write_json(output_dir / CALIBRATION_FILENAME, record)
     return record
-
-
-def _scored_detections(
-    model: RetinaNet,
-    cfg: Config,
-    dataset: CocoDetection,
-    classes: ClassInfo,
-    device: torch.device,
-    min_score: float,
-    iou_threshold: float,
-    progress: bool,
-) -> tuple[_ScoredDetections, _ScoredDetections, dict[str, Any]]:
-    """The model's detections after NMS and its candidates before NMS (those scoring >=
-    `min_score`) on `dataset`, each matched to the ground truth at `iou_threshold`, and the
-    entropy of its anchors' class scores."""
-    loader = build_test_loader(cfg, dataset)
-    predictions = collect_predictions(model, loader, device, min_score, cfg.precision.amp, progress)
-    after_nms, before_nms = (
-        _ScoredDetections.build(dataset.coco, predictions.image_ids, sets, classes, iou_threshold)
-        for sets in (predictions.detections, predictions.candidates)
-    )
-    return after_nms, before_nms, predictions.entropy
 
 
 class _Fit(NamedTuple):
@@ -350,71 +296,41 @@ class _Fit(NamedTuple):
     error: str | None
 
 
+def _fit(fit: Callable[[], Any]) -> _Fit:
+    """The calibrator `fit` returns, or None and the reason when the fit part admits no fit."""
+    try:
+        return _Fit(fit(), None)
+    except ValueError as error:
+        return _Fit(None, str(error))
+
+
 def _fit_calibrators(
     after_nms: _ScoredDetections, fit_ids: Sequence[int], min_score: float
-) -> tuple[_Fit, _Fit, int]:
-    """Temperature scaling and isotonic regression fitted on the after-NMS detections of the
-    fit images scoring >= `min_score`, and how many detections that was."""
+) -> tuple[_Fit, _Fit, dict[str, np.ndarray | None], int]:
+    """Temperature scaling and isotonic regression fitted on the after-NMS detections of the fit
+    images scoring >= `min_score`; all after-NMS scores (every image, for AP) as they are and
+    rescored by each calibrator (None where it could not be fitted); the number of fit
+    detections."""
     rows = after_nms.rows(fit_ids, min_score)
-    scores, correct = after_nms.scores[rows], after_nms.correct[rows]
-    temperature = _Fit(*_fit_or_error(lambda: fit_temperature(scores_to_logits(scores), correct)))
-    isotonic = _Fit(*_fit_or_error(lambda: fit_isotonic(scores, correct)))
-    return temperature, isotonic, int(len(scores))
-
-
-def _rescored(
-    scores: np.ndarray, temperature: _Fit, isotonic: _Fit
-) -> dict[str, np.ndarray | None]:
-    """All after-NMS scores (every image, every score, for AP), as they are and rescored by
-    each calibrator (None where it could not be fitted)."""
-    return {
+    fit_scores, fit_correct = after_nms.scores[rows], after_nms.correct[rows]
+    temperature = _fit(lambda: fit_temperature(scores_to_logits(fit_scores), fit_correct))
+    isotonic = _fit(lambda: fit_isotonic(fit_scores, fit_correct))
+    scores = after_nms.scores
+    rescored = {
         "after_nms": scores,
         "temperature": None
         if temperature.value is None
         else apply_temperature(scores, temperature.value),
         "isotonic": None if isotonic.value is None else isotonic.value.apply(scores),
     }
+    return temperature, isotonic, rescored, int(len(fit_scores))
 
 
-def _calibrator_records(temperature: _Fit, isotonic: _Fit) -> dict[str, Any]:
-    curve = isotonic.value
+def _knots(curve: IsotonicCalibrator | None) -> dict[str, list[float] | None]:
     return {
-        "temperature": {"T": temperature.value, "error": temperature.error},
-        "isotonic": {
-            "error": isotonic.error,
-            "knot_scores": None if curve is None else curve.knot_scores.tolist(),
-            "knot_values": None if curve is None else curve.knot_values.tolist(),
-        },
+        "knot_scores": None if curve is None else curve.knot_scores.tolist(),
+        "knot_values": None if curve is None else curve.knot_values.tolist(),
     }
-
-
-def _calibration_by_score_set(
-    before_nms: _ScoredDetections,
-    after_nms: _ScoredDetections,
-    rescored: Mapping[str, np.ndarray | None],
-    eval_ids: Sequence[int],
-    min_score: float,
-    num_bins: int,
-) -> dict[str, CalibrationResult | None]:
-    """Calibration of the evaluation images' detections scoring >= `min_score`: the pre-NMS
-    candidates, and the after-NMS detections under each score set of `rescored` (None where
-    its calibrator could not be fitted)."""
-    before_rows = before_nms.rows(eval_ids, min_score)
-    after_rows = after_nms.rows(eval_ids, min_score)
-    results = {
-        "before_nms": calibration_metrics(
-            before_nms.scores[before_rows], before_nms.correct[before_rows], num_bins, 0.0
-        )
-    }
-    for key, scores in rescored.items():
-        results[key] = (
-            None
-            if scores is None
-            else calibration_metrics(
-                scores[after_rows], after_nms.correct[after_rows], num_bins, 0.0
-            )
-        )
-    return results
 
 
 def compare_calibration(
@@ -446,14 +362,7 @@ def compare_calibration(
     output_dir = Path(output_dir)
     records = [
         calibrate_model(
-            path,
-            output_dir / name,
-            config_path=config_path,
-            overrides=overrides,
-            settings=settings,
-            device=device,
-            name=name,
-            progress=progress,
+            path, output_dir / name, config_path, overrides, settings, device, name, progress
         )
         for name, path in names.items()
     ]
@@ -495,7 +404,7 @@ def write_calibration_table(
             fixed(row["temperature"], 3),
             *(
                 f"{percent(row[f'ap{suffix}'])} / {percent(row[f'ap50{suffix}'])}"
-                for suffix in ("", "_temperature", "_isotonic")
+                for suffix in AP_SUFFIXES.values()
             ),
             f"{fixed(row['entropy_foreground'], 3)} / {fixed(row['entropy_background'], 4)}",
         ]
@@ -511,8 +420,7 @@ def write_calibration_table(
         *markdown_table(header, cells),
     ]
     csv_rows = [[row[c] for c in TABLE_COLUMNS] for row in rows]
-    paths = write_table(output_dir, "calibration", TABLE_COLUMNS, csv_rows, lines)
-    return paths
+    return write_table(output_dir, "calibration", TABLE_COLUMNS, csv_rows, lines)
 
 
 def loss_label(row: Mapping[str, Any]) -> str:
@@ -593,37 +501,38 @@ def write_seed_summary(
 
 
 class _ScoredDetections:
-    """All detections of a run flattened: per detection its image, score, box, label and
-    match; built per image, queried by image ids."""
+    """All detections of a run flattened: per detection its image, score and match to the GT
+    of `coco` (`match_detections_to_gt`; contiguous labels mapped to dataset categories by
+    `classes`); built per image, queried by image ids."""
 
     def __init__(
         self,
-        image_ids: list[int],
-        detections: Sequence[Mapping[str, np.ndarray]],
-        matches: Sequence[DetectionMatches],
-    ) -> None:
-        counts = [len(d["scores"]) for d in detections]
-        self.image_ids = image_ids
-        self.detections = detections
-        self.image_of = np.repeat(np.asarray(image_ids, dtype=np.int64), counts)
-        self.scores = _concat([d["scores"] for d in detections], np.float64)
-        self.correct = _concat([m.correct for m in matches], bool)
-        self.ignored = _concat([m.ignored for m in matches], bool)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    @classmethod
-    def build(
-        cls,
         coco: COCO,
         image_ids: list[int],
         detections: Sequence[Mapping[str, np.ndarray]],
         classes: ClassInfo,
         iou_threshold: float,
-    ) -> _ScoredDetections:
-        matches = match_to_ground_truth(
-            coco, image_ids, detections, classes.category_ids, iou_threshold
-        )
-        return cls(image_ids, detections, matches)
+    ) -> None:
+        lookup = np.asarray(classes.category_ids, dtype=np.int64)
+        matches = [
+            match_detections_to_gt(
+                det["boxes"],
+                det["scores"],
+                lookup[det["labels"]],
+                *ground_truth(coco, image_id),
+                iou_threshold,
+            )
+            for image_id, det in zip(image_ids, detections, strict=True)
+        ]
+        counts = [len(d["scores"]) for d in detections]
+        self.image_ids = image_ids
+        self.detections = detections
+        self.category_ids = classes.category_ids
+        self.image_of = np.repeat(np.asarray(image_ids, dtype=np.int64), counts)
+        self.scores = _concat([d["scores"] for d in detections], np.float64)
+        self.correct = _concat([m.correct for m in matches], bool)
+        self.ignored = _concat([m.ignored for m in matches], bool)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def rows(self, image_ids: Sequence[int], min_score: float) -> np.ndarray:
         """Indices of the detections of `image_ids` scoring >= min_score, crowd-only ones out."""
@@ -631,13 +540,26 @@ class _ScoredDetections:
             np.isin(self.image_of, image_ids) & (self.scores >= min_score) & ~self.ignored
         )
 
-    def coco_results(self, scores: np.ndarray, classes: ClassInfo) -> list[dict[str, Any]]:
+    def calibration(
+        self,
+        image_ids: Sequence[int],
+        min_score: float,
+        num_bins: int,
+        scores: np.ndarray | None = None,
+    ) -> CalibrationResult:
+        """Calibration, binned over [0, 1], of the detections `rows` selects, with `scores`
+        (aligned with `self.scores`) in place of their own when given."""
+        rows = self.rows(image_ids, min_score)
+        scores = self.scores if scores is None else scores
+        return calibration_metrics(scores[rows], self.correct[rows], num_bins, 0.0)
+
+    def coco_results(self, scores: np.ndarray) -> list[dict[str, Any]]:
         """COCO results of all detections with `scores` (aligned with `self.scores`)."""
         rescored = [
             {**det, "scores": scores[self.offsets[i] : self.offsets[i + 1]]}
             for i, det in enumerate(self.detections)
         ]
-        return detections_to_coco_results(self.image_ids, rescored, classes.category_ids)
+        return detections_to_coco_results(self.image_ids, rescored, self.category_ids)
 
 
 def _write_reliability_diagrams(
@@ -657,7 +579,6 @@ def _average_precision(
     dataset: CocoDetection,
     detections: _ScoredDetections,
     scores: np.ndarray | None,
-    classes: ClassInfo,
     image_ids: Sequence[int],
     backend: str,
     source: str,
@@ -666,30 +587,15 @@ def _average_precision(
     scores."""
     if scores is None:
         return {"AP": math.nan, "AP50": math.nan}
-    results = keep_known_categories(detections.coco_results(scores, classes), dataset, source)
+    results = keep_known_categories(detections.coco_results(scores), dataset, source)
     metrics = evaluate_coco(dataset.coco, results, backend=backend, image_ids=image_ids)
     return {"AP": metrics.AP, "AP50": metrics.AP50}
 
 
-def _fit_or_error(fit: Any) -> tuple[Any, str | None]:
-    """(fitted calibrator, None), or (None, the reason) when the fit part admits no fit."""
-    try:
-        return fit(), None
-    except ValueError as error:
-        return None, str(error)
-
-
 def _result_record(result: CalibrationResult) -> dict[str, Any]:
-    return {
-        "d_ece": result.d_ece,
-        "mce": result.mce,
-        "brier": result.brier,
-        "num_detections": result.num_detections,
-        "bin_edges": result.bin_edges.tolist(),
-        "counts": result.counts.tolist(),
-        "mean_confidence": result.mean_confidence.tolist(),
-        "precision": result.precision.tolist(),
-    }
+    record = {key: getattr(result, key) for key in ("d_ece", "mce", "brier", "num_detections")}
+    arrays = ("bin_edges", "counts", "mean_confidence", "precision")
+    return record | {key: getattr(result, key).tolist() for key in arrays}
 
 
 def _table_row(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -701,11 +607,7 @@ def _table_row(record: Mapping[str, Any]) -> dict[str, Any]:
         for metric in ("d_ece", "mce", "brier"):
             row[f"{metric}_{key}"] = result.get(metric)
     row["temperature"] = record["temperature"]["T"]
-    for key, suffix in (
-        ("after_nms", ""),
-        ("temperature", "_temperature"),
-        ("isotonic", "_isotonic"),
-    ):
+    for key, suffix in AP_SUFFIXES.items():
         row[f"ap{suffix}"] = record["coco"][key]["AP"]
         row[f"ap50{suffix}"] = record["coco"][key]["AP50"]
     entropy = record.get("entropy") or {}

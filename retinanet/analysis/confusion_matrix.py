@@ -15,7 +15,6 @@ own area) inside a crowd / ignore region are not counted, as COCO ignores them.
 from __future__ import annotations
 
 import csv
-import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +24,10 @@ from matplotlib import colormaps
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
+from retinanet.analysis.calibration import box_overlap
+from retinanet.analysis.tables import write_csv
 from retinanet.data.coco import CocoDetection
-from retinanet.files import atomic_savefig, atomic_write_text
+from retinanet.files import atomic_savefig
 
 BACKGROUND = "background"
 _ANNOTATE_UP_TO = 30  # classes; above this, counts are not printed in the cells
@@ -50,7 +51,7 @@ def image_confusion(
     det_boxes = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
     gt_labels = np.asarray(gt_labels, dtype=np.int64).reshape(-1)
     det_labels = np.asarray(det_labels, dtype=np.int64).reshape(-1)
-    iou = _pairwise_iou(gt_boxes, det_boxes)  # (G, D)
+    iou = box_overlap(gt_boxes, det_boxes, np.zeros(len(det_boxes), bool))  # (G, D)
     over = iou >= iou_threshold
     same_class = gt_labels[:, None] == det_labels[None, :]
     gt_match = np.full(len(gt_boxes), -1)
@@ -66,7 +67,9 @@ def image_confusion(
     false_alarm = det_match < 0
     if crowd_boxes is not None and len(crowd_boxes):
         crowd = np.asarray(crowd_boxes, np.float64).reshape(-1, 4)
-        false_alarm &= _ioa(det_boxes, crowd) < iou_threshold
+        # the largest share of each detection's area inside any crowd region
+        inside = box_overlap(det_boxes, crowd, np.ones(len(crowd), bool)).max(axis=1)
+        false_alarm &= inside < iou_threshold
     rows = np.concatenate([rows, np.full(int(false_alarm.sum()), background)])
     cols = np.concatenate([cols, det_labels[false_alarm]])
     size = num_classes + 1
@@ -85,13 +88,12 @@ def dataset_confusion(
     num_classes = dataset.num_classes
     matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     image_ids, labels, boxes = _results_by_image(dataset, results, score_threshold)
-    index_of = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     # Results sorted by image: image j's detections are rows starts[j]:ends[j].
     unique_ids, starts, counts = np.unique(image_ids, return_index=True, return_counts=True)
     detections = {
         int(i): slice(s, s + c) for i, s, c in zip(unique_ids, starts, counts, strict=True)
     }
-    for image_id, index in index_of.items():  # a loop over images; each is vectorised
+    for index, image_id in enumerate(dataset.image_ids):  # a loop over images, each vectorised
         target = dataset.annotations(index)
         rows = detections.get(image_id, slice(0, 0))
         matrix += image_confusion(
@@ -110,12 +112,8 @@ def write_confusion_csv(path: str | os.PathLike, matrix: np.ndarray, names: Sequ
     """Counts with a header row of predicted classes and a first column of ground-truth
     classes, the last row and column being `background`."""
     labels = [*names, BACKGROUND]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["ground truth \\ predicted", *labels])
-    for label, row in zip(labels, matrix.tolist(), strict=True):
-        writer.writerow([label, *row])
-    atomic_write_text(path, buffer.getvalue())
+    rows = ([label, *row] for label, row in zip(labels, matrix.tolist(), strict=True))
+    write_csv(path, ["ground truth \\ predicted", *labels], rows, lineterminator="\n")
 
 
 def read_confusion_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
@@ -149,8 +147,7 @@ def plot_confusion(
     image = ax.imshow(fractions, cmap=colormaps["Blues"], norm=PowerNorm(0.5, vmin=0, vmax=1))
     ax.set_xticks(np.arange(size), labels, rotation=90, fontsize=font)
     ax.set_yticks(np.arange(size), labels, fontsize=font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
+    ax.set(xlabel="predicted", ylabel="ground truth")
     ax.set_title(
         f"detections with score >= {score_threshold:g} matched at IoU >= {iou_threshold:g} "
         "(colour: fraction of the row)",
@@ -187,28 +184,6 @@ def _match_greedy(
         mutual = (best_gt[best_det] == gt) & (candidates[gt, best_det] >= 0)
         gt_match[gt[mutual]] = best_det[mutual]
         det_match[best_det[mutual]] = gt[mutual]
-
-
-def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a: (G, 4), b: (D, 4) xyxy -> (G, D)."""
-    inter = _intersection(a, b)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return inter / np.maximum(union, np.finfo(np.float64).tiny)
-
-
-def _ioa(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """(D,) the largest share of each box's area inside any of the regions (C, 4)."""
-    inter = _intersection(boxes, regions)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return (inter / np.maximum(area, np.finfo(np.float64).tiny)[:, None]).max(axis=1)
-
-
-def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    width = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    height = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    return np.clip(width, 0, None) * np.clip(height, 0, None)
 
 
 def _results_by_image(

@@ -42,7 +42,6 @@ count * min_loss / S: negligible unless nearly all of the loss lies below min_lo
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -53,7 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from retinanet.analysis.plots import plot_cumulative_loss
-from retinanet.files import atomic_open, atomic_write_json
+from retinanet.analysis.tables import write_csv
+from retinanet.files import atomic_write_json
 from retinanet.model.matcher import BACKGROUND, IGNORE
 
 VIEWS = ("anchor", "binary")
@@ -157,10 +157,7 @@ def iter_sample_losses(
     for gamma in gammas:
         foreground_losses = torch.exp(gamma * gt_log_one_minus_p) * gt_nll
         terms = negative_log_p.mul(gamma).exp_().mul_(negative_nll)  # p^gamma * -log(1 - p)
-        if negative_mask is None:
-            background_losses = terms.sum(dim=1)
-        else:
-            background_losses = terms[negative_mask]
+        background_losses = terms.sum(dim=1) if negative_mask is None else terms[negative_mask]
         del terms
         yield gamma, foreground_losses, background_losses
 
@@ -220,16 +217,8 @@ class LossHistogram:
         self.sums = torch.zeros(num_bins, dtype=torch.float64)
         self.underflow_count = 0
         self.underflow_sum = 0.0
-        self._overflow: list[torch.Tensor] = []
-
-    @property
-    def overflow(self) -> torch.Tensor:
-        """Exact losses >= max_loss seen so far: (M,) float64, unsorted."""
-        if not self._overflow:
-            return torch.zeros(0, dtype=torch.float64)
-        if len(self._overflow) > 1:
-            self._overflow = [torch.cat(self._overflow)]
-        return self._overflow[0]
+        # Exact losses >= max_loss seen so far: (M,) float64, unsorted.
+        self.overflow = torch.zeros(0, dtype=torch.float64)
 
     @property
     def num_samples(self) -> int:
@@ -268,26 +257,21 @@ class LossHistogram:
             self.underflow_count += int(counts[0])
             self.underflow_sum += float(sums[0])
             if int(counts[-1]) > 0:
-                self._overflow.append(chunk[slot == self.num_bins + 1].cpu())
+                self.overflow = torch.cat([self.overflow, chunk[slot == self.num_bins + 1].cpu()])
 
     def merge(self, other: LossHistogram) -> None:
         """Add the samples of `other` (e.g. from another process) into this histogram."""
-        if (self.min_loss, self.max_loss, self.num_bins) != (
-            other.min_loss,
-            other.max_loss,
-            other.num_bins,
-        ):
+        bins, other_bins = ((h.min_loss, h.max_loss, h.num_bins) for h in (self, other))
+        if bins != other_bins:
             raise ValueError(
                 "cannot merge histograms with different bins: "
-                f"(min_loss, max_loss, num_bins) = {(self.min_loss, self.max_loss, self.num_bins)}"
-                f" vs {(other.min_loss, other.max_loss, other.num_bins)}"
+                f"(min_loss, max_loss, num_bins) = {bins} vs {other_bins}"
             )
         self.counts += other.counts
         self.sums += other.sums
         self.underflow_count += other.underflow_count
         self.underflow_sum += other.underflow_sum
-        if other.overflow.numel() > 0:
-            self._overflow.append(other.overflow.clone())
+        self.overflow = torch.cat([self.overflow, other.overflow])
 
 
 def _segments(hist: LossHistogram) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -351,14 +335,9 @@ def curve_error_bound(hist: LossHistogram) -> float:
         raise ValueError("the loss histogram is empty: no samples were added")
     width = hi - lo
     mean = total / count
-    gap = np.zeros_like(total)
-    spread = width > 0  # single overflow values are exact
-    gap[spread] = (
-        count[spread]
-        * np.clip(mean[spread] - lo[spread], 0.0, None)
-        * np.clip(hi[spread] - mean[spread], 0.0, None)
-        / width[spread]
-    )
+    spread = count * np.clip(mean - lo, 0.0, None) * np.clip(hi - mean, 0.0, None)
+    # single overflow values (width 0) are exact
+    gap = np.divide(spread, width, out=np.zeros_like(total), where=width > 0)
     return float(gap.max() / total.sum())
 
 
@@ -453,13 +432,12 @@ def write_loss_cdf(
         "summary": output_dir / "loss_cdf_summary.json",
         "plot": output_dir / "loss_cdf.png",
     }
-    with atomic_open(paths["csv"], "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["gamma", "kind", "fraction_of_samples", "cumulative_loss"])
-        for (gamma, kind), (fraction, loss) in curves.items():
-            writer.writerows(
-                (gamma, kind, x, y) for x, y in zip(fraction.tolist(), loss.tolist(), strict=True)
-            )
+    rows = (
+        (gamma, kind, x, y)
+        for (gamma, kind), (fraction, loss) in curves.items()
+        for x, y in zip(fraction.tolist(), loss.tolist(), strict=True)
+    )
+    write_csv(paths["csv"], ["gamma", "kind", "fraction_of_samples", "cumulative_loss"], rows)
     atomic_write_json(paths["summary"], {"view": distribution.view, "curves": records})
     plot_cumulative_loss(paths["plot"], curves)
     return paths

@@ -50,10 +50,8 @@ def plot_cumulative_loss(
         for (gamma, curve_kind), (fraction, loss) in sorted(curves.items()):
             if curve_kind == kind:
                 ax.plot(fraction, loss, color=colors[gamma], label=_gamma_label(gamma))
-        ax.set_title(f"{kind} samples")
+        ax.set(title=f"{kind} samples", xlim=(0, 1), ylim=(0, 1))
         ax.set_xlabel(f"fraction of {kind} samples (sorted by loss)")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper left")
     axes[0].set_ylabel("cumulative normalized loss")
@@ -89,10 +87,7 @@ def plot_loss_vs_pt(
         ax.plot(p_t, loss, color=colors[gamma], label=label)
     ax.axvspan(well_classified_from, 1.0, color="0.85", zorder=0)
     ax.text((well_classified_from + 1.0) / 2, 2.2, "well-classified\nexamples", ha="center")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 5)
-    ax.set_xlabel("probability of ground truth class")
-    ax.set_ylabel("loss")
+    ax.set(xlim=(0, 1), ylim=(0, 5), xlabel="probability of ground truth class", ylabel="loss")
     ax.legend(loc="upper right")
     atomic_savefig(path, figure, dpi=150)
     return figure
@@ -121,12 +116,9 @@ def plot_modulating_factors(
         loss_ax.plot(p_t, f * cross_entropy, color=cmap(i % 10), label=label)
     for ax in (weight_ax, loss_ax):
         ax.axvline(marked_pt, color="0.7", linewidth=0.8, zorder=0)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("probability of ground truth class p_t")
-    weight_ax.set_ylim(0, 1.05)
-    weight_ax.set_ylabel("modulating factor f(p_t)")
-    loss_ax.set_ylim(0, 5)
-    loss_ax.set_ylabel("loss f(p_t) (-log p_t)")
+        ax.set(xlim=(0, 1), xlabel="probability of ground truth class p_t")
+    weight_ax.set(ylim=(0, 1.05), ylabel="modulating factor f(p_t)")
+    loss_ax.set(ylim=(0, 5), ylabel="loss f(p_t) (-log p_t)")
     loss_ax.legend(loc="upper right", fontsize="small")
     atomic_savefig(path, figure, dpi=150)
     return figure

@@ -10,8 +10,6 @@ are exactly what the AP numbers average.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -20,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
+from retinanet.analysis.tables import write_csv
 from retinanet.engine.coco_metrics import PrecisionArray
-from retinanet.files import atomic_savefig, atomic_write_text
+from retinanet.files import atomic_savefig
 
 
 @dataclass(frozen=True)
@@ -70,16 +69,15 @@ def pr_curves(array: PrecisionArray, names: Sequence[str]) -> PRCurves:
 def write_pr_curves_csv(path: str | os.PathLike, curves: PRCurves) -> None:
     """Rows `category_id, name, iou, recall, precision` (iou "0.50" or "0.50:0.95"); categories
     without ground truth are left out."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["category_id", "name", "iou", "recall", "precision"])
-    for k, (category_id, name) in enumerate(zip(curves.category_ids, curves.names, strict=True)):
-        for label, rows in (("0.50", curves.precision50), ("0.50:0.95", curves.precision)):
-            if np.isnan(rows[k]).all():
-                continue
-            for r, p in zip(curves.recall, rows[k], strict=True):
-                writer.writerow([category_id, name, label, f"{r:.2f}", f"{p:.6f}"])
-    atomic_write_text(path, buffer.getvalue())
+    rows = [
+        [category_id, name, label, f"{r:.2f}", f"{p:.6f}"]
+        for k, (category_id, name) in enumerate(zip(curves.category_ids, curves.names, strict=True))
+        for label, values in (("0.50", curves.precision50), ("0.50:0.95", curves.precision))
+        if not np.isnan(values[k]).all()
+        for r, p in zip(curves.recall, values[k], strict=True)
+    ]
+    header = ["category_id", "name", "iou", "recall", "precision"]
+    write_csv(path, header, rows, lineterminator="\n")
 
 
 def plot_pr_curves(path: str | os.PathLike, curves: PRCurves) -> Figure:
@@ -115,8 +113,7 @@ def plot_pr_curves(path: str | os.PathLike, curves: PRCurves) -> Figure:
         ax.plot(curves.recall, p, color="tab:orange", lw=1.2, label="IoU 0.5:0.95")
         # the mean of a curve is its AP (NaN: no class has ground truth)
         ax.set_title(f"{name}\nAP50 {p50.mean():.3f}  AP {p.mean():.3f}", fontsize=small)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
         ax.tick_params(labelsize=small - 1)
         ax.grid(True, alpha=0.3)
     for ax in axes[len(panels) :]:

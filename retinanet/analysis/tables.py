@@ -66,9 +66,19 @@ def write_table(
     (`markdown_lines`) in `output_dir`; returns their paths by kind (csv, markdown)."""
     output_dir = Path(output_dir)
     paths = {"csv": output_dir / f"{stem}.csv", "markdown": output_dir / f"{stem}.md"}
-    with atomic_open(paths["csv"], "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows(["" if v is None else v for v in row] for row in rows)
+    write_csv(paths["csv"], columns, (["" if v is None else v for v in row] for row in rows))
     atomic_write_text(paths["markdown"], "\n".join(markdown_lines) + "\n")
     return paths
+
+
+def write_csv(
+    path: str | os.PathLike,
+    header: Sequence[Any],
+    rows: Iterable[Sequence[Any]],
+    lineterminator: str = "\r\n",
+) -> None:
+    """A CSV file of `header`, then `rows`, written atomically."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator=lineterminator)
+        writer.writerow(header)
+        writer.writerows(rows)
