@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,19 +17,14 @@ from .norm import NormKind, make_norm
 ResNetDepth = Literal[18, 34, 50, 101, 152]
 
 
-def _imagenet_weights(depth: int):
-    """torchvision's ImageNet weight enum for a depth (V1: the weights the paper-era recipes
-    used; downloaded to the torch hub cache on first use)."""
-    enum = getattr(torchvision.models, f"ResNet{depth}_Weights")
-    return enum.IMAGENET1K_V1
-
-
 def load_imagenet_state_dict(depth: int, weights: str) -> dict[str, Tensor]:
     """weights: "imagenet" (torchvision's download) or a path to a local state dict (the same
     file torchvision downloads, or any ResNet checkpoint with torchvision's key names)."""
     if weights == "imagenet":
-        return _imagenet_weights(depth).get_state_dict(progress=True, check_hash=True)
-    path = Path(os.path.expanduser(weights))
+        # V1: the weights the paper-era recipes used; downloaded to the torch hub cache once.
+        enum = getattr(torchvision.models, f"ResNet{depth}_Weights")
+        return enum.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+    path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     try:
@@ -112,12 +106,10 @@ class ResNetBackbone(nn.Module):
                 block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
-        self.res2, self.res3, self.res4, self.res5 = (
-            resnet.layer1,
-            resnet.layer2,
-            resnet.layer3,
-            resnet.layer4,
-        )
+        self.res2 = resnet.layer1
+        self.res3 = resnet.layer2
+        self.res4 = resnet.layer3
+        self.res5 = resnet.layer4
         expansion = 4 if depth >= 50 else 1
         self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
         self.strides = [8, 16, 32]
@@ -127,8 +119,7 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """images: (B, 3, H, W) normalised -> [C3 (B, C, H/8, W/8), C4 (H/16), C5 (H/32)]."""
-        c2 = self.res2(self.stem(images))
-        c3 = self.res3(c2)
+        c3 = self.res3(self.res2(self.stem(images)))
         c4 = self.res4(c3)
         c5 = self.res5(c4)
         return [c3, c4, c5]

@@ -32,14 +32,8 @@ class BoxCoder:
     def encode(self, anchors: Tensor, boxes: Tensor) -> Tensor:
         """anchors, boxes: (..., 4) xyxy -> deltas (..., 4)."""
         wx, wy, ww, wh = self.weights
-        anchor_w = anchors[..., 2] - anchors[..., 0]
-        anchor_h = anchors[..., 3] - anchors[..., 1]
-        anchor_cx = anchors[..., 0] + 0.5 * anchor_w
-        anchor_cy = anchors[..., 1] + 0.5 * anchor_h
-        box_w = boxes[..., 2] - boxes[..., 0]
-        box_h = boxes[..., 3] - boxes[..., 1]
-        box_cx = boxes[..., 0] + 0.5 * box_w
-        box_cy = boxes[..., 1] + 0.5 * box_h
+        anchor_cx, anchor_cy, anchor_w, anchor_h = _centre_size(anchors)
+        box_cx, box_cy, box_w, box_h = _centre_size(boxes)
         return torch.stack(
             (
                 wx * (box_cx - anchor_cx) / anchor_w,
@@ -53,18 +47,19 @@ class BoxCoder:
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """deltas: (..., 4), anchors: (..., 4) xyxy, broadcastable -> boxes (..., 4) xyxy, in the
         dtype of `deltas`."""
-        anchors = anchors.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
-        anchor_w = anchors[..., 2] - anchors[..., 0]
-        anchor_h = anchors[..., 3] - anchors[..., 1]
-        anchor_cx = anchors[..., 0] + 0.5 * anchor_w
-        anchor_cy = anchors[..., 1] + 0.5 * anchor_h
-        dx = deltas[..., 0] / wx
-        dy = deltas[..., 1] / wy
+        anchor_cx, anchor_cy, anchor_w, anchor_h = _centre_size(anchors.to(deltas.dtype))
         dw = torch.clamp(deltas[..., 2] / ww, max=self.scale_clamp)
         dh = torch.clamp(deltas[..., 3] / wh, max=self.scale_clamp)
-        cx = dx * anchor_w + anchor_cx
-        cy = dy * anchor_h + anchor_cy
+        cx = deltas[..., 0] / wx * anchor_w + anchor_cx
+        cy = deltas[..., 1] / wy * anchor_h + anchor_cy
         half_w = 0.5 * torch.exp(dw) * anchor_w
         half_h = 0.5 * torch.exp(dh) * anchor_h
         return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+
+
+def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """boxes (..., 4) xyxy -> centre x, centre y, width, height, each (...)."""
+    width = boxes[..., 2] - boxes[..., 0]
+    height = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * width, boxes[..., 1] + 0.5 * height, width, height

@@ -30,7 +30,7 @@ from .losses import (
     resolve_factor,
     smooth_l1_loss,
 )
-from .matcher import BACKGROUND, IGNORE, AnchorMatcher, pad_boxes
+from .matcher import BACKGROUND, AnchorMatcher, pad_boxes
 
 BoxLossKind = Literal["smooth_l1", "giou"]
 Normalizer = Literal["num_foreground", "ema"]
@@ -52,9 +52,6 @@ class RetinaNetCriterion(nn.Module):
         "ema" (Detectron2: an exponential moving average of that count, momentum
         `ema_momentum`, starting at `ema_initial`, which damps the noise of batches with few
         objects).
-    reduce_across_processes: under DistributedDataParallel, use the mean foreground count of
-        all processes, so that after DDP averages gradients the loss is the sum over the global
-        batch divided by its total foreground count, as on one GPU.
     """
 
     def __init__(
@@ -70,7 +67,6 @@ class RetinaNetCriterion(nn.Module):
         normalizer: Normalizer = "num_foreground",
         ema_momentum: float = 0.9,
         ema_initial: float = 100.0,
-        reduce_across_processes: bool = True,
     ) -> None:
         super().__init__()
         check_choice(box_loss, BoxLossKind, "box_loss")
@@ -88,7 +84,6 @@ class RetinaNetCriterion(nn.Module):
         self.box_loss_weight = box_loss_weight
         self.normalizer = normalizer
         self.ema_momentum = ema_momentum
-        self.reduce_across_processes = reduce_across_processes
         # Part of the state dict so that a resumed run continues the same average.
         self.register_buffer("foreground_ema", torch.tensor(float(ema_initial)))
 
@@ -100,12 +95,8 @@ class RetinaNetCriterion(nn.Module):
         and the padded ground-truth boxes (B, M, 4)."""
         device = anchors.device
         gt_boxes = pad_boxes([t["boxes"] for t in targets], device)
-        crowd = [t.get("crowd_boxes") for t in targets]
-        crowd_boxes = None
-        if any(c is not None and len(c) for c in crowd):
-            crowd_boxes = pad_boxes(
-                [c if c is not None else torch.zeros(0, 4) for c in crowd], device
-            )
+        crowd = [t.get("crowd_boxes", torch.zeros(0, 4)) for t in targets]
+        crowd_boxes = pad_boxes(crowd, device) if any(len(c) for c in crowd) else None
         matches = self.matcher(anchors, gt_boxes, crowd_boxes)
         gt_labels = torch.full(gt_boxes.shape[:2], BACKGROUND, dtype=torch.int64, device=device)
         for i, t in enumerate(targets):  # a loop over images to pad labels, not over anchors
@@ -140,23 +131,17 @@ class RetinaNetCriterion(nn.Module):
         # gathering the foreground anchors first would need their count on the host (a
         # device sync per step), and (B, A, 4) is small next to the (B, A, K) class logits.
         # Other anchors get their own box as target, which keeps every term finite.
-        batch = matches.shape[0]
         matched_boxes = gt_boxes.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
-        anchors_b = anchors.expand(batch, -1, -1)
-        matched_boxes = torch.where(foreground[..., None], matched_boxes, anchors_b)
+        matched_boxes = torch.where(foreground[..., None], matched_boxes, anchors)  # (B, A, 4)
         if self.box_loss == "smooth_l1":
-            target_deltas = self.box_coder.encode(
-                anchors_b.reshape(-1, 4), matched_boxes.reshape(-1, 4)
-            )
+            target_deltas = self.box_coder.encode(anchors, matched_boxes)
             per_anchor = smooth_l1_loss(
-                box_deltas.reshape(-1, 4), target_deltas, self.smooth_l1_beta, reduction="none"
-            ).sum(dim=1)
+                box_deltas, target_deltas, self.smooth_l1_beta, reduction="none"
+            ).sum(dim=-1)
         else:
-            decoded = self.box_coder.decode(
-                box_deltas.reshape(-1, 4).float(), anchors_b.reshape(-1, 4)
-            )
-            per_anchor = giou_loss(decoded, matched_boxes.reshape(-1, 4), reduction="none")
-        loss_box = torch.dot(per_anchor, foreground.reshape(-1).to(per_anchor.dtype))
+            decoded = self.box_coder.decode(box_deltas.float(), anchors)
+            per_anchor = giou_loss(decoded, matched_boxes, reduction="none")
+        loss_box = torch.dot(per_anchor.flatten(), foreground.flatten().to(per_anchor.dtype))
         loss_box = self.box_loss_weight * loss_box / normalizer
         return {
             "loss_cls": loss_cls,
@@ -166,7 +151,10 @@ class RetinaNetCriterion(nn.Module):
 
     def _normalizer(self, num_foreground: Tensor) -> Tensor:
         count = num_foreground.detach()
-        if self.reduce_across_processes and dist.is_available() and dist.is_initialized():
+        # Under DistributedDataParallel, the mean foreground count of all processes: after DDP
+        # averages gradients the loss is the sum over the global batch divided by its total
+        # foreground count, as on one GPU.
+        if dist.is_available() and dist.is_initialized():
             count = count.clone()
             dist.all_reduce(count)
             count /= dist.get_world_size()
@@ -176,6 +164,3 @@ class RetinaNetCriterion(nn.Module):
                 self.foreground_ema.mul_(m).add_((1 - m) * count.clamp(min=1))
             return self.foreground_ema.clone()
         return count.clamp(min=1)
-
-
-__all__ = ["RetinaNetCriterion", "IGNORE", "BACKGROUND"]

@@ -11,21 +11,17 @@ import re
 
 import torch
 from torch import Tensor
+from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
-# torchvision's COCO category list for its 91-way detectors: index = COCO category id.
-TORCHVISION_COCO_CATEGORIES = [
-    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
-    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
-    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
-    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
-    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
-    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
-    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]  # fmt: skip
+# torchvision's COCO category list for its 91-way detectors: index = COCO category id
+# ("__background__" at 0, "N/A" at the ids COCO leaves unused).
+TORCHVISION_COCO_CATEGORIES = list(RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+def _old_head_conv(subnet: str):
+    """conv.{2i}.weight of a pre-0.13 torchvision head -> our {subnet}.{i}.0.weight."""
+    return lambda m: f"head.{subnet}.{int(m.group(1)) // 2}.0.{m.group(2)}"
+
 
 _TORCHVISION_RULES = [
     # (pattern, replacement) applied in order; the first match wins.
@@ -38,58 +34,49 @@ _TORCHVISION_RULES = [
     (r"^backbone\.fpn\.extra_blocks\.(p6|p7)\.", r"fpn.\1.0."),
     (r"^head\.classification_head\.cls_logits\.", "head.cls_score."),
     (r"^head\.regression_head\.bbox_reg\.", "head.box_pred."),
+    # Heads saved before torchvision 0.13 stored `conv.{2i}` (conv) and `conv.{2i+1}` (ReLU);
+    # newer ones store `conv.{i}.0` (conv) and `conv.{i}.1` (norm, v2 only).
+    (r"^head\.classification_head\.conv\.(\d+)\.(weight|bias)$", _old_head_conv("cls_subnet")),
+    (r"^head\.regression_head\.conv\.(\d+)\.(weight|bias)$", _old_head_conv("box_subnet")),
     (r"^head\.classification_head\.conv\.", "head.cls_subnet."),
     (r"^head\.regression_head\.conv\.", "head.box_subnet."),
 ]
 
 
-def _rename(key: str, rules) -> str | None:
-    for pattern, replacement in rules:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return new
-    return None
+def _unwrap(state: dict) -> dict:
+    """The model's state dict, also from a training-script checkpoint {"model": ...}."""
+    return state["model"] if isinstance(state.get("model"), dict) else state
 
 
-def _upgrade_torchvision_head_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Heads saved before torchvision 0.13 stored `conv.{2i}` (conv) and `conv.{2i+1}` (ReLU);
-    newer ones store `conv.{i}.0` (conv) and `conv.{i}.1` (norm, v2 only)."""
-    upgraded = {}
+def _rename_all(state: dict, rules, source: str) -> dict:
+    """state with every key renamed by `rules` (num_batches_tracked dropped); a KeyError naming
+    the keys no rule recognises, if any."""
+    converted, unknown = {}, []
     for key, value in state.items():
-        m = re.match(
-            r"^(head\.(?:classification|regression)_head\.conv\.)(\d+)\.(weight|bias)$", key
-        )
-        if m:
-            key = f"{m.group(1)}{int(m.group(2)) // 2}.0.{m.group(3)}"
-        upgraded[key] = value
-    return upgraded
+        if key.endswith("num_batches_tracked"):
+            continue
+        for pattern, replacement in rules:
+            new_key, count = re.subn(pattern, replacement, key)
+            if count:
+                converted[new_key] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"not a {source}: unrecognised keys {unknown[:8]}")
+    return converted
 
 
 def convert_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A torchvision `retinanet_resnet50_fpn` or `retinanet_resnet50_fpn_v2` state dict ->
     our key names. Anchor order and output channel layout are the same (ratio-major anchors,
     channel = anchor * K + class), so tensors are copied unchanged."""
-    if "model" in state and isinstance(state["model"], dict):  # a training-script checkpoint
-        state = state["model"]
-    state = _upgrade_torchvision_head_keys(state)
-    converted, unknown = {}, []
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        new_key = _rename(key, _TORCHVISION_RULES)
-        if new_key is None:
-            unknown.append(key)
-        else:
-            converted[new_key] = value
-    if unknown:
-        raise KeyError(f"not a torchvision RetinaNet state dict: unrecognised keys {unknown[:8]}")
-    return converted
+    return _rename_all(_unwrap(state), _TORCHVISION_RULES, "torchvision RetinaNet state dict")
 
 
 def torchvision_variant(state: dict[str, Tensor]) -> str:
     """'v1' (P6 from P5, plain heads) or 'v2' (P6 from C5, GroupNorm heads)."""
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    state = _unwrap(state)
     p6 = state.get("backbone.fpn.extra_blocks.p6.weight")
     if p6 is None:
         raise KeyError(
@@ -138,28 +125,16 @@ def convert_detectron2(
     Detectron2's ImageNet-initialised ResNets put the stride in the bottleneck's 1x1 conv: the
     config must set model.backbone.stride_in_1x1 = true (configs/detectron2_retinanet_R50_FPN.yaml).
     """
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    converted, unknown = {}, []
-    pixel = {}
-    for key, value in state.items():
-        value = torch.as_tensor(value)
-        if key in ("pixel_mean", "pixel_std"):
-            pixel[key] = value.flatten().flip(0).tolist()  # BGR -> RGB
-            continue
-        if key.endswith("num_batches_tracked"):
-            continue
-        new_key = _rename(key, _DETECTRON2_RULES)
-        if new_key is None:
-            unknown.append(key)
-            continue
-        if new_key == "backbone.stem.0.weight":
-            value = value.flip(1)  # BGR -> RGB input channels
-        if new_key.startswith(("head.cls_score.", "head.box_pred.")):
-            value = _size_major_to_ratio_major(value, num_scales, num_aspect_ratios)
-        converted[new_key] = value
-    if unknown:
-        raise KeyError(
-            f"not a Detectron2 RetinaNet (ResNet-FPN) model: unrecognised keys {unknown[:8]}"
-        )
+    state = {key: torch.as_tensor(value) for key, value in _unwrap(state).items()}
+    pixel = {
+        key: state.pop(key).flatten().flip(0).tolist()  # BGR -> RGB
+        for key in ("pixel_mean", "pixel_std")
+        if key in state
+    }
+    converted = _rename_all(state, _DETECTRON2_RULES, "Detectron2 RetinaNet (ResNet-FPN) model")
+    for key, value in converted.items():
+        if key == "backbone.stem.0.weight":
+            converted[key] = value.flip(1)  # BGR -> RGB input channels
+        elif key.startswith(("head.cls_score.", "head.box_pred.")):
+            converted[key] = _size_major_to_ratio_major(value, num_scales, num_aspect_ratios)
     return converted, pixel

@@ -19,12 +19,7 @@ def _conv(
     in_channels: int, out_channels: int, kernel_size: int, stride: int, norm: NormKind | None
 ) -> nn.Sequential:
     conv = nn.Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=stride,
-        padding=kernel_size // 2,
-        bias=norm is None,
+        in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=norm is None
     )
     # Kaiming-uniform with a = 1 ("Xavier-like") and zero bias, as in Detectron and torchvision.
     nn.init.kaiming_uniform_(conv.weight, a=1)

@@ -31,9 +31,8 @@ from torch import Tensor
 from ..choices import Interval, check_choice, check_range
 from .matcher import IGNORE, box_area
 
-# The focal loss's modulating factor of the cross-entropy: power (1 - p_t)^gamma, exponential
-# exp(-beta p_t), cos cos(scale p_t), gaussian exp(-p_t^2 / s), flsd (1 - p_t)^gamma with gamma
-# 5 below p_t = 0.2 and 3 above (Mukhoti et al. 2020's FLSD-53).
+# The kinds of modulating factor, one class each below (PowerFactor, ExponentialFactor,
+# CosineFactor, GaussianFactor, SampleDependentPowerFactor for FLSD-53).
 Modulation = Literal["power", "exponential", "cos", "gaussian", "flsd"]
 # How a gamma schedule goes from its start to its end.
 GammaShape = Literal["linear", "cosine"]
@@ -187,9 +186,6 @@ class GammaSchedule:
     def gamma_at(self, progress: float) -> float:
         return self.start + (self.end - self.start) * self.ramp_at(progress)
 
-    def factor_at(self, progress: float) -> PowerFactor:
-        return PowerFactor(self.gamma_at(progress))
-
     def alpha_at(self, progress: float, alpha: float | None) -> float | None:
         """The alpha in effect at `progress` when the loss's (final) alpha is `alpha`."""
         if self.alpha_start is None or alpha is None:
@@ -202,7 +198,7 @@ def resolve_factor(
 ) -> ModulatingFactor:
     """The modulating factor in effect at `progress` (fraction of training done)."""
     if isinstance(modulation, GammaSchedule):
-        return modulation.factor_at(progress)
+        return PowerFactor(modulation.gamma_at(progress))
     return modulation
 
 
@@ -240,6 +236,10 @@ def sigmoid_focal_loss(
         loss = f * F.softplus(-z)
         if alpha is not None:
             loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+    return _reduce(loss, reduction)
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
@@ -255,17 +255,16 @@ def sigmoid_focal_loss(
 
 
 def _negative_terms(
-    x: Tensor, factor: ModulatingFactor, need_grad: bool, row_weights: Tensor | None = None
+    x: Tensor, factor: ModulatingFactor, need_grad: bool, row_weights: Tensor
 ) -> tuple[Tensor, Tensor | None]:
     """Every element of x (N, K) treated as a negative: returns (the sum of f(1-s) softplus(x)
-    over the elements, rows weighted by `row_weights` (N,) when given; the gradient of each
+    over the elements, rows weighted by `row_weights` (N,); the gradient of each
     term w.r.t. x, exact for rows of weight 1, or None). Works in place on fresh buffers; x is
     not modified."""
     s = torch.sigmoid(x)
     sp = F.softplus(x)  # -log(1 - s)
-    if row_weights is not None:
-        # One weighted flat dot product, rather than per-row sums (N tiny matrix products).
-        sp.mul_(row_weights.unsqueeze(1))
+    # One weighted flat dot product, rather than per-row sums (N tiny matrix products).
+    sp.mul_(row_weights.unsqueeze(1))
     if isinstance(factor, PowerFactor):
         gamma = factor.gamma
         # f = s^gamma; h = gamma s^gamma (1 - s); grad = f s + h sp = f (s + gamma (1 - s) sp).
@@ -276,8 +275,7 @@ def _negative_terms(
         if not need_grad:
             return total, None
         sp.addcmul_(sp, s, value=-1.0)  # sp * (1 - s)
-        grad = s.add_(sp, alpha=gamma).mul_(f)
-        return total, grad
+        return total, s.add_(sp, alpha=gamma).mul_(f)
     f, h = factor.weights(-x)
     total = torch.dot(f.view(-1), sp.view(-1))
     if not need_grad:
@@ -406,7 +404,7 @@ def label_smoothing_term(
 def smooth_l1_loss(
     deltas: Tensor, target_deltas: Tensor, beta: float, reduction: str = "sum"
 ) -> Tensor:
-    """deltas, target_deltas: (N, 4) box offsets -> smooth-L1 in fp32, summed over elements
+    """deltas, target_deltas: (..., 4) box offsets -> smooth-L1 in fp32, summed over elements
     ("sum") or per element ("none"). beta = 0 is pure L1 (Detectron2's RetinaNet default); the
     paper era used beta = 0.11."""
     deltas = deltas.float()
@@ -415,30 +413,21 @@ def smooth_l1_loss(
     return F.smooth_l1_loss(deltas, target_deltas, reduction=reduction, beta=beta)
 
 
-def giou_loss(
-    boxes: Tensor, target_boxes: Tensor, reduction: str = "sum", eps: float = 1e-7
-) -> Tensor:
-    """1 - GIoU of boxes and target_boxes, both (N, 4) xyxy, in fp32; summed ("sum") or per
+def giou_loss(boxes: Tensor, target_boxes: Tensor, reduction: str = "sum") -> Tensor:
+    """1 - GIoU of boxes and target_boxes, both (..., 4) xyxy, in fp32; summed ("sum") or per
     box ("none"). torchvision.ops.generalized_box_iou_loss computes the same, but indexes by a
     boolean mask, which makes a GPU wait for the device at every call; clamping does not."""
     boxes, target_boxes = boxes.float(), target_boxes.float()
-    x1 = torch.maximum(boxes[:, 0], target_boxes[:, 0])
-    y1 = torch.maximum(boxes[:, 1], target_boxes[:, 1])
-    x2 = torch.minimum(boxes[:, 2], target_boxes[:, 2])
-    y2 = torch.minimum(boxes[:, 3], target_boxes[:, 3])
-    inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    top_left = torch.maximum(boxes[..., :2], target_boxes[..., :2])
+    bottom_right = torch.minimum(boxes[..., 2:], target_boxes[..., 2:])
+    inter_wh = (bottom_right - top_left).clamp(min=0)  # (..., 2)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
     union = box_area(boxes) + box_area(target_boxes) - inter
+    eps = 1e-7  # keeps the ratios of degenerate (zero-area) boxes finite
     iou = inter / (union + eps)
-    hull_w = torch.maximum(boxes[:, 2], target_boxes[:, 2]) - torch.minimum(
-        boxes[:, 0], target_boxes[:, 0]
+    hull_wh = torch.maximum(boxes[..., 2:], target_boxes[..., 2:]) - torch.minimum(
+        boxes[..., :2], target_boxes[..., :2]
     )
-    hull_h = torch.maximum(boxes[:, 3], target_boxes[:, 3]) - torch.minimum(
-        boxes[:, 1], target_boxes[:, 1]
-    )
-    hull = hull_w * hull_h
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
     loss = 1.0 - (iou - (hull - union) / (hull + eps))
-    if reduction == "sum":
-        return loss.sum()
-    if reduction != "none":
-        raise ValueError(f"unknown reduction {reduction!r}")
-    return loss
+    return _reduce(loss, reduction)

@@ -25,8 +25,8 @@ from torch import Tensor
 BACKGROUND = -1
 IGNORE = -2
 
-# A zero-area box far outside any image: IoU 0 and IoA 0 with every anchor.
-_PAD_BOX = (-1e6, -1e6, -1e6, -1e6)  # all four equal: see pad_boxes
+# The corners of a zero-area box far outside any image: IoU 0 and IoA 0 with every anchor.
+_PAD_COORDINATE = -1e6
 
 
 def pad_boxes(boxes: Sequence[Tensor], device: torch.device | str | None = None) -> Tensor:
@@ -34,9 +34,9 @@ def pad_boxes(boxes: Sequence[Tensor], device: torch.device | str | None = None)
     nothing. M is at least 1 so that shapes stay regular for images without boxes."""
     device = device if device is not None else (boxes[0].device if len(boxes) else "cpu")
     longest = max([1] + [len(b) for b in boxes])
-    # torch.full, not torch.tensor(_PAD_BOX, device=...): a tensor built from Python numbers
-    # is copied from host memory, which on a GPU waits for the device.
-    padded = torch.full((len(boxes), longest, 4), _PAD_BOX[0], device=device)
+    # torch.full, not torch.tensor(...): a tensor built from Python numbers is copied from
+    # host memory, which on a GPU waits for the device.
+    padded = torch.full((len(boxes), longest, 4), _PAD_COORDINATE, device=device)
     for i, b in enumerate(boxes):  # a loop over images, not anchors
         padded[i, : len(b)] = b.to(device=device, dtype=padded.dtype)
     return padded
@@ -114,14 +114,9 @@ class AnchorMatcher:
         """anchors: (A, 4); gt_boxes: (B, M, 4) padded (see `pad_boxes`); crowd_boxes:
         (B, C, 4) padded or None -> matches (B, A) int64: index into M for foreground anchors,
         BACKGROUND (-1) or IGNORE (-2)."""
-        num_images, num_boxes = gt_boxes.shape[:2]
-        per_image = max(1, num_boxes * anchors.shape[0])
+        per_image = max(1, gt_boxes.shape[1] * anchors.shape[0])
         chunk = max(1, self.max_chunk_elements // per_image)
-        matches = [
-            self._match(anchors, gt_boxes[start : start + chunk])
-            for start in range(0, num_images, chunk)
-        ]
-        matches = torch.cat(matches)
+        matches = torch.cat([self._match(anchors, part) for part in gt_boxes.split(chunk)])
         if crowd_boxes is not None and crowd_boxes.numel():
             covered = pairwise_ioa(crowd_boxes, anchors).amax(dim=1) >= self.crowd_ioa_threshold
             # torch.where, not boolean indexing: indexing by a mask needs its count on the host.
@@ -131,15 +126,13 @@ class AnchorMatcher:
     def _match(self, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
         iou = pairwise_iou(gt_boxes, anchors)  # (B, M, A)
         best_iou, matches = iou.max(dim=1)  # per anchor: (B, A)
-        if self.allow_low_quality_matches:
-            best_per_box = iou.amax(dim=2, keepdim=True)  # (B, M, 1)
-            # Padding boxes and boxes that touch no anchor at all have a best IoU of 0.
-            is_best_anchor = ((iou == best_per_box) & (best_per_box > 0)).any(dim=1)
-        del iou
         labels = torch.where(best_iou >= self.fg_iou_threshold, matches, BACKGROUND)
         labels = torch.where(
             (best_iou >= self.bg_iou_threshold) & (best_iou < self.fg_iou_threshold), IGNORE, labels
         )
         if self.allow_low_quality_matches:
+            best_per_box = iou.amax(dim=2, keepdim=True)  # (B, M, 1)
+            # Padding boxes and boxes that touch no anchor at all have a best IoU of 0.
+            is_best_anchor = ((iou == best_per_box) & (best_per_box > 0)).any(dim=1)
             labels = torch.where(is_best_anchor, matches, labels)
         return labels

@@ -34,13 +34,8 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
-        if (
-            x.dim() == 4
-            and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
-            return y.contiguous(memory_format=torch.channels_last)
-        return y
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 def make_norm(name: NormKind, channels: int, eps: float = 1e-5, gn_groups: int = 32) -> nn.Module:

@@ -44,24 +44,20 @@ def top_above_threshold(logits: Tensor, threshold: float, k: int) -> tuple[Tenso
     batch, num_anchors, num_classes = logits.shape
     flat = logits.reshape(batch, -1)
     k = min(k, flat.shape[1])
-    if not math.isfinite(threshold):
-        values, columns = flat.topk(k, dim=1)
-        return values, columns, values > threshold
-    hot = logits.amax(dim=-1) > threshold
-    if int(torch.count_nonzero(hot)) <= batch * num_anchors // 8:
-        images, anchors = torch.nonzero(hot, as_tuple=True)  # grouped by image
-        rows = logits[images, anchors]  # (hot anchors, K)
-        hot_row, classes = torch.nonzero(rows > threshold, as_tuple=True)
-        images, columns = images[hot_row], anchors[hot_row] * num_classes + classes
-        values = rows[hot_row, classes]
-    else:
+    if math.isfinite(threshold):
+        hot = logits.amax(dim=-1) > threshold
+        if int(torch.count_nonzero(hot)) <= batch * num_anchors // 8:
+            images, anchors = torch.nonzero(hot, as_tuple=True)  # grouped by image
+            rows = logits[images, anchors]  # (hot anchors, K)
+            hot_row, classes = torch.nonzero(rows > threshold, as_tuple=True)
+            columns = anchors[hot_row] * num_classes + classes
+            return _top_k_per_image(images[hot_row], columns, rows[hot_row, classes], batch, k)
         above = flat > threshold
-        if int(torch.count_nonzero(above)) > flat.numel() // 8:
-            values, columns = flat.topk(k, dim=1)
-            return values, columns, values > threshold
-        images, columns = torch.nonzero(above, as_tuple=True)  # grouped by image
-        values = flat[images, columns]
-    return _top_k_per_image(images, columns, values, batch, k)
+        if int(torch.count_nonzero(above)) <= flat.numel() // 8:
+            images, columns = torch.nonzero(above, as_tuple=True)  # grouped by image
+            return _top_k_per_image(images, columns, flat[images, columns], batch, k)
+    values, columns = flat.topk(k, dim=1)
+    return values, columns, values > threshold
 
 
 def _top_k_per_image(
@@ -154,17 +150,8 @@ class _ClassWiseNMS(torch.autograd.Function):
 
 def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     """boxes (B, N, 4) xyxy clipped to [0, W] x [0, H]; image_sizes (B, 2) or (1, 2) (H, W)."""
-    heights = image_sizes[:, 0, None].to(boxes.dtype)
-    widths = image_sizes[:, 1, None].to(boxes.dtype)
-    return torch.stack(
-        (
-            boxes[..., 0].clamp(min=0).minimum(widths),
-            boxes[..., 1].clamp(min=0).minimum(heights),
-            boxes[..., 2].clamp(min=0).minimum(widths),
-            boxes[..., 3].clamp(min=0).minimum(heights),
-        ),
-        dim=-1,
-    )
+    limits = image_sizes[:, None, [1, 0, 1, 0]].to(boxes.dtype)  # (B, 1, 4) (W, H, W, H)
+    return boxes.clamp(min=0).minimum(limits)
 
 
 def scale_to_original(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Tensor:
@@ -203,6 +190,16 @@ class DetectionPostprocessor:
             return math.log(self.score_threshold / (1.0 - self.score_threshold))
         return -math.inf
 
+    def _decode(
+        self, top_idx: Tensor, logits: Tensor, deltas: Tensor, anchors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One level's flat indices a * K + c (B, n) into its logits (B, A_l, K) -> the boxes
+        (B, n, 4) decoded from deltas (B, A_l, 4) and anchors (A_l, 4), and the labels (B, n)."""
+        num_classes = logits.shape[-1]
+        anchor_idx = top_idx // num_classes
+        level_deltas = deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))
+        return self.box_coder.decode(level_deltas, anchors[anchor_idx]), top_idx % num_classes
+
     def candidates(
         self, outputs: HeadOutputs, image_sizes: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -214,24 +211,22 @@ class DetectionPostprocessor:
         over levels of the top-k.
         """
         cls_logits, box_deltas, anchors, num_anchors_per_level = outputs
-        num_classes = cls_logits.shape[-1]
-        logit_threshold = self.logit_threshold
+        levels = zip(
+            cls_logits.split(num_anchors_per_level, dim=1),
+            box_deltas.split(num_anchors_per_level, dim=1),
+            anchors.split(num_anchors_per_level),
+            strict=True,
+        )
         boxes, scores, labels, valid = [], [], [], []
-        start = 0
-        for count in num_anchors_per_level:
+        for logits, deltas, level_anchors in levels:
             top_logits, top_idx, top_valid = top_above_threshold(
-                cls_logits[:, start : start + count], logit_threshold, self.topk_candidates
+                logits, self.logit_threshold, self.topk_candidates
             )
-            anchor_idx = top_idx // num_classes
-            deltas = box_deltas[:, start : start + count].gather(
-                1, anchor_idx[..., None].expand(-1, -1, 4)
-            )
-            level_boxes = self.box_coder.decode(deltas, anchors[start : start + count][anchor_idx])
+            level_boxes, level_labels = self._decode(top_idx, logits, deltas, level_anchors)
             boxes.append(level_boxes)
             scores.append(torch.sigmoid(top_logits.float()))
-            labels.append(top_idx % num_classes)
+            labels.append(level_labels)
             valid.append(top_valid)
-            start += count
         boxes = clip_boxes(torch.cat(boxes, dim=1), image_sizes)
         return boxes, torch.cat(scores, dim=1), torch.cat(labels, dim=1), torch.cat(valid, dim=1)
 
@@ -257,11 +252,8 @@ class DetectionPostprocessor:
         detections = []
         for i in range(boxes.shape[0]):  # NMS is per image; candidates are already few
             keep = torch.nonzero(valid[i]).squeeze(1)
-            image_boxes, image_scores, image_labels = (
-                boxes[i, keep].float(),
-                scores[i, keep],
-                labels[i, keep],
-            )
+            image_boxes = boxes[i, keep].float()
+            image_scores, image_labels = scores[i, keep], labels[i, keep]
             # NMS in resized-image pixels, then scaling (as torchvision): IoU is not invariant
             # to the slightly different x and y scale factors of rounded image sizes.
             keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_threshold)
@@ -291,21 +283,19 @@ class DetectionPostprocessor:
         logit_threshold = self.logit_threshold
         boxes, scores, labels = [], [], []
         for logits, deltas, level_anchors in zip(cls_logits, box_deltas, anchors, strict=True):
-            num_classes = logits.shape[-1]
             flat = logits.flatten(1)  # (B, A_l * K), index a * K + c
             top_logits, top_idx = flat.topk(_at_most(self.topk_candidates, flat, 1), dim=1)
-            anchor_idx = top_idx // num_classes
-            level_deltas = deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))
-            boxes.append(self.box_coder.decode(level_deltas, level_anchors[anchor_idx]))
+            level_boxes, level_labels = self._decode(top_idx, logits, deltas, level_anchors)
+            boxes.append(level_boxes)
             # Candidates at or below the threshold get score -1: sigmoid scores are >= 0.
             level_scores = torch.sigmoid(top_logits.float())
             scores.append(torch.where(top_logits > logit_threshold, level_scores, -1.0))
-            labels.append(top_idx % num_classes)
+            labels.append(level_labels)
         boxes = clip_boxes(torch.cat(boxes, dim=1).float(), image_sizes)  # (B, N, 4)
         scores, labels = torch.cat(scores, dim=1), torch.cat(labels, dim=1)  # (B, N)
 
         # Each candidate's score under its own class, -1 elsewhere: (B, K, N).
-        classes = torch.arange(num_classes, device=labels.device)
+        classes = torch.arange(cls_logits[0].shape[-1], device=labels.device)
         class_scores = torch.where(
             labels[:, None, :] == classes[None, :, None], scores[:, None], -1.0
         )

@@ -49,12 +49,10 @@ class RetinaNet(nn.Module):
         self.criterion = criterion
         self.postprocessor = postprocessor
         self.channels_last = False
-        self.register_buffer(
-            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False
-        )
-        self.register_buffer(
-            "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False
-        )
+        for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+            self.register_buffer(
+                name, torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1), False
+            )
 
     def use_channels_last(self, enabled: bool = True) -> RetinaNet:
         """Store convolution weights and feature maps channels-last (NHWC): faster convolutions
@@ -97,12 +95,8 @@ class RetinaNet(nn.Module):
         cls_logits, box_deltas = cls_logits.float(), box_deltas.float()
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = self.anchor_generator(tuple(images.shape[-2:]), feature_sizes, images.device)
-        return HeadOutputs(
-            cls_logits,
-            box_deltas,
-            anchors,
-            self.anchor_generator.num_anchors_per_level(feature_sizes),
-        )
+        num_anchors_per_level = self.anchor_generator.num_anchors_per_level(feature_sizes)
+        return HeadOutputs(cls_logits, box_deltas, anchors, num_anchors_per_level)
 
     def losses(
         self, outputs: HeadOutputs, targets: Sequence[dict[str, Tensor]], progress: float = 0.0
@@ -122,7 +116,5 @@ class RetinaNet(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor, image_sizes: Tensor, original_sizes: Tensor | None = None):
         """forward + detect in one call; original_sizes defaults to image_sizes."""
-        outputs = self(images, image_sizes)
-        return self.detect(
-            outputs, image_sizes, image_sizes if original_sizes is None else original_sizes
-        )
+        original_sizes = image_sizes if original_sizes is None else original_sizes
+        return self.detect(self(images, image_sizes), image_sizes, original_sizes)
