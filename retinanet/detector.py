@@ -174,6 +174,10 @@ class Detector:
             config=cfg,
         )
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes.names)
+
     def __call__(
         self, images: ImageInput | Sequence[ImageInput], rgb: bool = False
     ) -> Detections | list[Detections]:

@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    amp = resolve_amp(args.amp, device)  # a bad --amp fails before any part runs
     torch.manual_seed(0)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(
@@ -81,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
         ]
     if args.train_step:
         target = 0.7 if device.type == "cpu" else 1 / 2.5
-        amp = resolve_amp(args.amp, device)
         step = benchmark_train_step(device, args.batch, args.height or 800, args.width or 1088,
                                     amp, args.channels_last, max(2, args.repeats // 2),
                                     target_ratio=target)  # fmt: skip

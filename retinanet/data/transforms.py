@@ -92,6 +92,10 @@ class DetectionTransform:
             raise ValueError(
                 f"probabilities must be in [0, 1], got {flip_prob=}, {photometric_prob=}"
             )
+        self.min_sizes = min_sizes
+        self.max_size = max_size
+        self.flip_prob = flip_prob
+        self.photometric_prob = photometric_prob
         # One index label per box lets us recover which boxes survived and in what order;
         # clip=True absorbs float round-off at the image border after a flip.
         bbox_params = A.BboxParams(format="pascal_voc", label_fields=["box_index"], clip=True)

@@ -55,8 +55,12 @@ class Comparison:
         return self.ours_s / self.torchvision_s
 
     def to_dict(self) -> dict:
-        met = None if self.target_ratio is None else self.ratio <= self.target_ratio
-        return {**asdict(self), "ratio": self.ratio, "meets_target": met}
+        """name, times, ratio, target and whether it is met, then a subclass's own fields."""
+        values = asdict(self)
+        target = values.pop("target_ratio")
+        met = None if target is None else self.ratio <= target
+        head = {key: values.pop(key) for key in ("name", "ours_s", "torchvision_s")}
+        return {**head, "ratio": self.ratio, "target_ratio": target, "meets_target": met, **values}
 
 
 def _sync(device: torch.device) -> None:

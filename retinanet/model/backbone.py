@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,7 @@ def load_imagenet_state_dict(depth: int, weights: str) -> dict[str, Tensor]:
         # V1: the weights the paper-era recipes used; downloaded to the torch hub cache once.
         enum = getattr(torchvision.models, f"ResNet{depth}_Weights")
         return enum.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-    path = Path(weights).expanduser()
+    path = Path(os.path.expanduser(weights))  # os.path leaves an unknown ~user as it is
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     try:

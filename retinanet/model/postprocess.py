@@ -150,8 +150,13 @@ class _ClassWiseNMS(torch.autograd.Function):
 
 def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     """boxes (B, N, 4) xyxy clipped to [0, W] x [0, H]; image_sizes (B, 2) or (1, 2) (H, W)."""
-    limits = image_sizes[:, None, [1, 0, 1, 0]].to(boxes.dtype)  # (B, 1, 4) (W, H, W, H)
-    return boxes.clamp(min=0).minimum(limits)
+    # Columns, not a (W, H, W, H) index list: a list index is a CPU tensor copied to the device.
+    heights = image_sizes[:, 0, None].to(boxes.dtype)
+    widths = image_sizes[:, 1, None].to(boxes.dtype)
+    x1, y1, x2, y2 = boxes.clamp(min=0).unbind(-1)
+    return torch.stack(
+        (x1.minimum(widths), y1.minimum(heights), x2.minimum(widths), y2.minimum(heights)), dim=-1
+    )
 
 
 def scale_to_original(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Tensor:

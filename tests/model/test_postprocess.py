@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.retinanet import RetinaNet as TorchvisionRetinaNet
 
 from retinanet.model.anchors import AnchorGenerator
 from retinanet.model.box_coding import BoxCoder
 from retinanet.model.head import HeadOutputs
-from retinanet.model.postprocess import DetectionPostprocessor
+from retinanet.model.postprocess import DetectionPostprocessor, clip_boxes
 
 FEATURE_SIZES = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # a 128 x 192 padded batch
 NUM_CLASSES = 5
@@ -263,3 +264,25 @@ def test_padded_path_with_one_size_for_the_batch_and_no_candidates():
     assert len(eager[0]["boxes"]) > 5 and len(eager[1]["boxes"]) == 0
     assert padded.num_detections.tolist() == [len(eager[0]["boxes"]), 0]
     _assert_padded_equals(padded, eager, 300)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_clip_boxes_clips_and_makes_no_tensor_from_python_data():
+    # A tensor made from Python data inside the op (a list index, torch.tensor) would be a
+    # blocking host-to-device copy on a GPU, once per batch.
+    boxes = torch.tensor([[[-5.0, 3.0, 25.0, 12.0], [1.0, -2.0, 4.0, 30.0]]])
+    image_sizes = torch.tensor([[10, 20]])  # (H, W)
+    with _RecordOps() as ops:
+        clipped = clip_boxes(boxes, image_sizes)
+    assert "lift_fresh" not in ops.names, ops.names
+    expected = torch.tensor([[[0.0, 3.0, 20.0, 10.0], [1.0, 0.0, 4.0, 10.0]]])
+    assert torch.equal(clipped, expected)
