@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from retinanet.engine import selftest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,3 +52,30 @@ def test_missing_data_packages_are_named_not_a_crash(tmp_path, monkeypatch):
     assert shapes["status"] == "skipped"
     assert "albumentations, pycocotools not installed" in shapes["reason"]
     assert any("train_shapes: skipped" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("visible", "device_index", "expected"), [(None, 1, "1"), ("", 1, "1"), ("3,5", 1, "5")]
+)
+def test_ddp_part_pins_the_torchrun_worker_to_the_gpu_asked_for(
+    fake_cuda, monkeypatch, tmp_path, visible, device_index, expected
+):
+    # The worker's LOCAL_RANK 0 must be the GPU the self-test runs on: its entry under the
+    # current CUDA_VISIBLE_DEVICES, or its index when that is unset.
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    launched = {}
+
+    def fake_run(command, env, **kwargs):
+        launched.update(command=command, env=env)
+        Path(command[command.index("--ddp-worker") + 1]).write_text('{"ok": true}')
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(selftest.subprocess, "run", fake_run)
+    options = selftest.SelfTestOptions(output_dir=tmp_path)
+    device = selftest.resolve_device(f"cuda:{device_index}")
+    assert selftest.run_ddp(device, options) == {"ok": True}
+    assert launched["env"]["CUDA_VISIBLE_DEVICES"] == expected
+    assert launched["command"][-2:] == ["--device", "cuda"]
