@@ -217,8 +217,18 @@ class LossHistogram:
         self.sums = torch.zeros(num_bins, dtype=torch.float64)
         self.underflow_count = 0
         self.underflow_sum = 0.0
-        # Exact losses >= max_loss seen so far: (M,) float64, unsorted.
-        self.overflow = torch.zeros(0, dtype=torch.float64)
+        self._overflow: list[torch.Tensor] = []
+
+    @property
+    def overflow(self) -> torch.Tensor:
+        """Exact losses >= max_loss seen so far: (M,) float64, unsorted."""
+        # Chunks are concatenated once, when read: one cat per added chunk would copy all
+        # earlier ones each time.
+        if not self._overflow:
+            return torch.zeros(0, dtype=torch.float64)
+        if len(self._overflow) > 1:
+            self._overflow = [torch.cat(self._overflow)]
+        return self._overflow[0]
 
     @property
     def num_samples(self) -> int:
@@ -257,7 +267,7 @@ class LossHistogram:
             self.underflow_count += int(counts[0])
             self.underflow_sum += float(sums[0])
             if int(counts[-1]) > 0:
-                self.overflow = torch.cat([self.overflow, chunk[slot == self.num_bins + 1].cpu()])
+                self._overflow.append(chunk[slot == self.num_bins + 1].cpu())
 
     def merge(self, other: LossHistogram) -> None:
         """Add the samples of `other` (e.g. from another process) into this histogram."""
@@ -271,7 +281,8 @@ class LossHistogram:
         self.sums += other.sums
         self.underflow_count += other.underflow_count
         self.underflow_sum += other.underflow_sum
-        self.overflow = torch.cat([self.overflow, other.overflow])
+        if other.overflow.numel() > 0:
+            self._overflow.append(other.overflow.clone())
 
 
 def _segments(hist: LossHistogram) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
