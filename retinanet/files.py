@@ -1,13 +1,18 @@
 """Atomic file writes: every output of the project is written to a temporary file in the
 destination folder and renamed over the final name, so a crash or a full disk never leaves a
-half-written checkpoint, JSON or plot behind (a rename within one filesystem is atomic)."""
+half-written checkpoint, JSON or plot behind (a rename within one filesystem is atomic). A write
+the filesystem refuses (full disk, quota, read-only, I/O error) is re-raised as an OSError that
+names the file, since the writers themselves often do not: torch.save reports a full disk as
+"enforce fail ... unexpected pos"."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +35,39 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         # open() would have (or the replaced file's), so outputs can be shared as usual.
         os.chmod(tmp, _permissions_for(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        refused = _refused_write(error)
+        if refused is None:
+            raise
+        raise OSError(refused.errno, _refused_message(path, refused)) from error
+
+
+# Errors of the filesystem, not of the code writing the file.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _refused_write(error: BaseException) -> OSError | None:
+    """The OSError with a write errno in `error`'s chain (torch.save wraps it in a
+    RuntimeError as its context), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in _WRITE_ERRNOS:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _refused_message(path: Path, error: OSError) -> str:
+    message = f"could not write {path}: {error.strerror or error}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(path.parent).free
+            message += f" ({free / 2**20:.1f} MiB free in {path.parent})"
+    return message + "; any earlier version of the file is left intact"
 
 
 def _permissions_for(path: Path) -> int:

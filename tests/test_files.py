@@ -1,12 +1,21 @@
 """Atomic writes: the destination is replaced whole or left untouched."""
 
+import errno
+import io
 import json
 import os
 import stat
 
 import pytest
+import torch
 
-from retinanet.files import atomic_open, atomic_write_json, atomic_write_text, json_safe
+from retinanet.files import (
+    atomic_open,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    json_safe,
+)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -39,3 +48,54 @@ def test_json_is_strict_non_finite_numbers_become_null(tmp_path):
     text = (tmp_path / "m.json").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"AP": None, "per_class": [1.0, None], "n": 3, "name": "ü"}
+
+
+class _FillingDisk(io.FileIO):
+    """A file on a disk with `room` bytes left: writes beyond it fail as a full disk does."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + memoryview(data).nbytes > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    def fdopen(fd, mode="r", **kwargs):
+        assert "b" in mode
+        return io.BufferedWriter(_FillingDisk(fd, "w"))
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def test_a_full_disk_during_torch_save_names_the_file_and_keeps_the_old_one(tmp_path, full_disk):
+    # torch.save itself reports this as "[enforce fail ...] unexpected pos", naming no file.
+    path = tmp_path / "model_0000798.pth"
+    path.write_bytes(b"previous checkpoint")
+    with pytest.raises(OSError) as raised:
+        atomic_torch_save(path, {"weight": torch.zeros(100_000)})
+    assert raised.value.errno == errno.ENOSPC
+    message = str(raised.value)
+    assert f"could not write {path}: {os.strerror(errno.ENOSPC)}" in message
+    assert f"MiB free in {tmp_path})" in message
+    assert path.read_bytes() == b"previous checkpoint"
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_small_file_that_fits_is_written_on_the_filling_disk(tmp_path, full_disk):
+    with atomic_open(tmp_path / "small.bin", "wb") as f:
+        f.write(b"x" * 100)
+    assert (tmp_path / "small.bin").read_bytes() == b"x" * 100
+
+
+def test_errors_of_the_writing_code_pass_through_unchanged(tmp_path):
+    # Only errors of the filesystem are re-raised as "could not write"; a missing input read
+    # while writing, or an object JSON cannot encode, keeps its own type and message.
+    with pytest.raises(FileNotFoundError, match="no-such-input"):
+        with atomic_open(tmp_path / "out.txt") as f:
+            f.write(open(tmp_path / "no-such-input").read())
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        atomic_write_json(tmp_path / "m.json", {"a": object()})
+    assert os.listdir(tmp_path) == []
