@@ -36,9 +36,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         os.chmod(tmp, _permissions_for(path))
         os.replace(tmp, path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        refused = _refused_write(error)
+        refused = _refused_write(error) if isinstance(error, Exception) else None
         if refused is None:
             raise
         raise OSError(refused.errno, _refused_message(path, refused)) from error
@@ -50,14 +50,15 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO
 
 def _refused_write(error: BaseException) -> OSError | None:
     """The OSError with a write errno in `error`'s chain (torch.save wraps it in a
-    RuntimeError as its context), or None."""
+    RuntimeError as its context), or None. `raise ... from None` ends the chain."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         if isinstance(current, OSError) and current.errno in _WRITE_ERRNOS:
             return current
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        hidden = current.__suppress_context__
+        current = current.__cause__ or (None if hidden else current.__context__)
     return None
 
 

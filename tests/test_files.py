@@ -63,8 +63,12 @@ class _FillingDisk(io.FileIO):
 
 @pytest.fixture
 def full_disk(monkeypatch):
+    """Binary files opened by atomic_open land on a disk with 4 KiB of room."""
+    real_fdopen = os.fdopen
+
     def fdopen(fd, mode="r", **kwargs):
-        assert "b" in mode
+        if "b" not in mode:
+            return real_fdopen(fd, mode, **kwargs)
         return io.BufferedWriter(_FillingDisk(fd, "w"))
 
     monkeypatch.setattr(os, "fdopen", fdopen)
@@ -77,6 +81,7 @@ def test_a_full_disk_during_torch_save_names_the_file_and_keeps_the_old_one(tmp_
     with pytest.raises(OSError) as raised:
         atomic_torch_save(path, {"weight": torch.zeros(100_000)})
     assert raised.value.errno == errno.ENOSPC
+    assert isinstance(raised.value.__cause__, RuntimeError)  # torch's own error stays chained
     message = str(raised.value)
     assert f"could not write {path}: {os.strerror(errno.ENOSPC)}" in message
     assert f"MiB free in {tmp_path})" in message
@@ -98,4 +103,23 @@ def test_errors_of_the_writing_code_pass_through_unchanged(tmp_path):
             f.write(open(tmp_path / "no-such-input").read())
     with pytest.raises(TypeError, match="not JSON serializable"):
         atomic_write_json(tmp_path / "m.json", {"a": object()})
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupts_and_hidden_contexts_are_not_turned_into_write_errors(tmp_path):
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    # Ctrl-C while handling a full disk is still an interrupt.
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(tmp_path / "a.txt"):
+            try:
+                raise full
+            except OSError:
+                raise KeyboardInterrupt from None
+    # An error raised `from None` has said its context is not the cause.
+    with pytest.raises(ValueError, match="bad input"):
+        with atomic_open(tmp_path / "b.txt"):
+            try:
+                raise full
+            except OSError:
+                raise ValueError("bad input") from None
     assert os.listdir(tmp_path) == []
