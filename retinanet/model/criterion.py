@@ -95,8 +95,13 @@ class RetinaNetCriterion(nn.Module):
         and the padded ground-truth boxes (B, M, 4)."""
         device = anchors.device
         gt_boxes = pad_boxes([t["boxes"] for t in targets], device)
-        crowd = [t.get("crowd_boxes", torch.zeros(0, 4)) for t in targets]
-        crowd_boxes = pad_boxes(crowd, device) if any(len(c) for c in crowd) else None
+        # Targets may lack crowd boxes (or hold None); build an empty tensor only for those, and
+        # only when some image has crowd regions: this runs on every training step.
+        crowd = [t.get("crowd_boxes") for t in targets]
+        crowd_boxes = None
+        if any(c is not None and len(c) for c in crowd):
+            empty = torch.zeros(0, 4)
+            crowd_boxes = pad_boxes([empty if c is None else c for c in crowd], device)
         matches = self.matcher(anchors, gt_boxes, crowd_boxes)
         gt_labels = torch.full(gt_boxes.shape[:2], BACKGROUND, dtype=torch.int64, device=device)
         for i, t in enumerate(targets):  # a loop over images to pad labels, not over anchors

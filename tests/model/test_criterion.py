@@ -134,6 +134,11 @@ def test_crowd_boxes_remove_background_anchors_from_the_loss():
     without = criterion(cls_logits, box_deltas, ANCHORS, [plain])["loss_cls"]
     num_fg = (matches >= 0).sum()
     torch.testing.assert_close(without - with_crowd, removed / num_fg, rtol=1e-4, atol=1e-6)
+    # In a batch, images without crowd boxes (key absent, None or empty) ignore nothing.
+    for other in (plain, dict(plain, crowd_boxes=None), dict(plain, crowd_boxes=torch.zeros(0, 4))):
+        batch_classes = criterion.match(ANCHORS, [crowd, other])[1]
+        assert torch.equal(batch_classes[0], classes[0])
+        assert torch.equal(batch_classes[1], criterion.match(ANCHORS, [plain])[1][0])
 
 
 def test_ema_normaliser_updates_in_training_only():
