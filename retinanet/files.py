@@ -1,9 +1,9 @@
 """Atomic file writes: every output of the project is written to a temporary file in the
 destination folder and renamed over the final name, so a crash or a full disk never leaves a
 half-written checkpoint, JSON or plot behind (a rename within one filesystem is atomic). A write
-the filesystem refuses (full disk, quota, read-only, I/O error) is re-raised as an OSError that
-names the file, since the writers themselves often do not: torch.save reports a full disk as
-"enforce fail ... unexpected pos"."""
+the filesystem refuses (full disk, quota, file size limit, read-only) is re-raised as an OSError
+that names the file, since the writers themselves often do not: torch.save reports a full disk
+as "enforce fail ... unexpected pos"."""
 
 from __future__ import annotations
 
@@ -20,17 +20,16 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it
-    is removed and `path` is left untouched."""
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file name beside `path`, for writers that open files by name (OpenCV's
+    VideoWriter picks its container from `suffix`); on a clean exit the file replaces `path`,
+    on an error it is removed and `path` is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         # mkstemp creates the file readable by its owner only; give it the permissions a plain
         # open() would have (or the replaced file's), so outputs can be shared as usual.
         os.chmod(tmp, _permissions_for(path))
@@ -44,8 +43,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         raise OSError(refused.errno, _refused_message(path, refused)) from error
 
 
-# Errors of the filesystem, not of the code writing the file.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it
+    is removed and `path` is left untouched."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# Errors only a write gets (not EIO, which reading an input inside the `with` block can raise).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _refused_write(error: BaseException) -> OSError | None:

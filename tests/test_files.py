@@ -9,6 +9,7 @@ import stat
 import pytest
 import torch
 
+import retinanet.files as files_module
 from retinanet.files import (
     atomic_open,
     atomic_torch_save,
@@ -64,14 +65,13 @@ class _FillingDisk(io.FileIO):
 @pytest.fixture
 def full_disk(monkeypatch):
     """Binary files opened by atomic_open land on a disk with 4 KiB of room."""
-    real_fdopen = os.fdopen
 
-    def fdopen(fd, mode="r", **kwargs):
+    def open_on_full_disk(file, mode="r", **kwargs):
         if "b" not in mode:
-            return real_fdopen(fd, mode, **kwargs)
-        return io.BufferedWriter(_FillingDisk(fd, "w"))
+            return open(file, mode, **kwargs)
+        return io.BufferedWriter(_FillingDisk(file, "w"))
 
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(files_module, "open", open_on_full_disk, raising=False)
 
 
 def test_a_full_disk_during_torch_save_names_the_file_and_keeps_the_old_one(tmp_path, full_disk):
@@ -101,6 +101,10 @@ def test_errors_of_the_writing_code_pass_through_unchanged(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-input"):
         with atomic_open(tmp_path / "out.txt") as f:
             f.write(open(tmp_path / "no-such-input").read())
+    with pytest.raises(OSError, match="input.jpg") as raised:  # EIO reading an input, say
+        with atomic_open(tmp_path / "out.txt"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), "input.jpg")
+    assert raised.value.errno == errno.EIO and "could not write" not in str(raised.value)
     with pytest.raises(TypeError, match="not JSON serializable"):
         atomic_write_json(tmp_path / "m.json", {"a": object()})
     assert os.listdir(tmp_path) == []

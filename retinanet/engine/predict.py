@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..detector import Detections, Detector, read_image
-from ..files import atomic_open, atomic_write_json
+from ..files import atomic_open, atomic_path, atomic_write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -194,14 +194,11 @@ def _atomic_video_writer(
     """An mp4v VideoWriter on a temporary file beside `path`, renamed to `path` on a clean exit
     and removed on an error. size: (width, height) in pixels."""
     # VideoWriter picks the container from the suffix, so the temporary name ends in .mp4.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    try:
-        if not writer.isOpened():
-            raise OSError(f"cannot write video {path}: OpenCV cannot open it with codec mp4v")
-        yield writer
-        writer.release()
-        os.replace(tmp, path)
-    finally:
-        writer.release()  # a no-op when already released
-        tmp.unlink(missing_ok=True)  # left only after an error
+    with atomic_path(path, suffix=".tmp.mp4") as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        try:
+            if not writer.isOpened():
+                raise OSError(f"cannot write video {path}: OpenCV cannot open it with codec mp4v")
+            yield writer
+        finally:
+            writer.release()  # before the rename, and on an error
