@@ -77,6 +77,8 @@ def convert_checkpoint(
     num_classes = state["head.cls_score.weight"].shape[0] // num_anchors
     classes = _classes_for(num_classes, source)
     model = build_model(cfg, num_classes, load_backbone_weights=False)
-    load_model_weights(model, {"model": state}, src)  # raises ValueError naming what differs
+    # A ValueError naming the tensors that differ, and the config the model was built from
+    # (often picked automatically, so the user may not know which).
+    load_model_weights(model, {"model": state}, f"{src} (config {config_path or default})")
     save_checkpoint(output, model, cfg, classes, iteration=0)
     return cfg, classes

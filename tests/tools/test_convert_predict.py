@@ -112,3 +112,15 @@ def test_predict_missing_input(tmp_path, capsys, bad):
         == 1
     )
     assert bad in capsys.readouterr().err
+
+
+def test_convert_into_an_architecture_that_does_not_fit_names_the_config(tmp_path, capsys):
+    torch.manual_seed(0)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    config = REPO / "configs" / "shapes.yaml"  # ResNet-10 with 64 channels: nothing fits
+    args = ["convert", "--from", "torchvision", str(tmp_path / "tv.pth")]
+    assert cli([*args, "--output", str(tmp_path / "o.pth"), "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"tv.pth (config {config}) does not fit" in err and "shapes differ" in err
+    assert not (tmp_path / "o.pth").exists()
