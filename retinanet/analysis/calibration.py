@@ -180,7 +180,15 @@ def calibration_metrics(
         mce = float(gap.max())
         brier = float(np.mean((confidences - correct) ** 2))
     return CalibrationResult(
-        bin_edges, counts, mean_confidence, precision, d_ece, mce, brier, n, min_score
+        bin_edges=bin_edges,
+        counts=counts,
+        mean_confidence=mean_confidence,
+        precision=precision,
+        d_ece=d_ece,
+        mce=mce,
+        brier=brier,
+        num_detections=n,
+        min_score=min_score,
     )
 
 

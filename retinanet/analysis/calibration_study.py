@@ -362,7 +362,14 @@ def compare_calibration(
     output_dir = Path(output_dir)
     records = [
         calibrate_model(
-            path, output_dir / name, config_path, overrides, settings, device, name, progress
+            path,
+            output_dir / name,
+            config_path=config_path,
+            overrides=overrides,
+            settings=settings,
+            device=device,
+            name=name,
+            progress=progress,
         )
         for name, path in names.items()
     ]
