@@ -10,15 +10,51 @@ A recipe is a short YAML file that names its base and overrides a few keys:
         depth: 101
 """
 
-from .loading import config_from_dict, config_to_dict, config_to_yaml, load_config, parse_override
-from .schema import Config, DatasetSplitConfig, LossConfig
-from .validation import ConfigError, config_differences, config_value
+from .loading import (
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+    parse_override,
+)
+from .schema import (
+    AnchorConfig,
+    BackboneConfig,
+    Config,
+    DataConfig,
+    DatasetSplitConfig,
+    EvalConfig,
+    FPNConfig,
+    HeadConfig,
+    InferenceConfig,
+    InputConfig,
+    LossConfig,
+    MatcherConfig,
+    ModelConfig,
+    SyntheticDataConfig,
+    TrainConfig,
+)
+from .validation import ConfigError, config_differences, config_value, validate
 
 __all__ = [
+    "AnchorConfig",
+    "BackboneConfig",
     "Config",
     "ConfigError",
+    "DataConfig",
     "DatasetSplitConfig",
+    "EvalConfig",
+    "FPNConfig",
+    "HeadConfig",
+    "InferenceConfig",
+    "InputConfig",
     "LossConfig",
+    "MatcherConfig",
+    "ModelConfig",
+    "SyntheticDataConfig",
+    "TrainConfig",
+    "apply_overrides",
     "config_differences",
     "config_from_dict",
     "config_to_dict",
@@ -26,4 +62,5 @@ __all__ = [
     "config_value",
     "load_config",
     "parse_override",
+    "validate",
 ]

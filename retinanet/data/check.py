@@ -142,7 +142,9 @@ def _decode_all(
         path, image_id, name, size = job
         try:
             if not os.path.isfile(path):  # as the loader checks: a folder counts as missing
-                raise ImageError(f"image {path} (image id {image_id}) is missing", "missing")
+                raise ImageError(
+                    f"image {path} (image id {image_id}) is missing", "missing", image_id, path
+                )
             decode_image(path, image_id, size, source)
         except ImageError as err:
             return DatasetProblem(ERROR, "image", err.code, str(err), image_id, None, name)

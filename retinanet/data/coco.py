@@ -44,9 +44,11 @@ class ImageError(DatasetError):
     """An image that cannot be used: `code` is "missing", "unreadable", "undecodable",
     "truncated" or "size_mismatch"."""
 
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: str, image_id: int, path: str) -> None:
         super().__init__(message)
         self.code = code
+        self.image_id = image_id
+        self.path = path
 
 
 # What an unreadable training image does: stop the run, or skip to the next readable image.
@@ -360,25 +362,32 @@ def decode_image(
     try:
         encoded = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError as e:
-        raise ImageError(f"{name} is missing", "missing") from e
+        raise ImageError(f"{name} is missing", "missing", image_id, path) from e
     except (OSError, ValueError) as e:  # ValueError: a name the OS cannot represent
-        raise ImageError(f"cannot read {name}: {e}", "unreadable") from e
+        raise ImageError(f"cannot read {name}: {e}", "unreadable", image_id, path) from e
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(encoded, flags) if encoded.size else None
     # Checked whether or not it decoded: OpenCV 5 refuses a cut-short JPEG, 4.x pads it with
     # grey and succeeds; either way the message says what happened.
     if _is_truncated(encoded):
         raise ImageError(
-            f"{name} is truncated: the file ends before the image data does", "truncated"
+            f"{name} is truncated: the file ends before the image data does",
+            "truncated",
+            image_id,
+            path,
         )
     if bgr is None:
-        raise ImageError(f"cannot decode {name}: corrupt or not an image", "undecodable")
+        raise ImageError(
+            f"cannot decode {name}: corrupt or not an image", "undecodable", image_id, path
+        )
     if expected_size is not None and bgr.shape[:2] != tuple(expected_size):
         height, width = expected_size
         raise ImageError(
             f"{name} is {bgr.shape[1]}x{bgr.shape[0]} pixels but {annotation_file} says "
             f"{width}x{height}",
             "size_mismatch",
+            image_id,
+            path,
         )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 

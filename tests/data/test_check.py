@@ -146,7 +146,12 @@ def test_truncation_is_found_whatever_the_decoder_does(tmp_path, monkeypatch):
         with pytest.raises(ImageError, match="is truncated") as info:
             decode_image(tmp_path / name, 3)
         assert info.value.code == "truncated"
+        # Callers that catch it get the image without parsing the message.
+        assert (info.value.image_id, info.value.path) == (3, str(tmp_path / name))
     assert decode_image(complete, 1).shape == (64, 64, 3)
+    with pytest.raises(ImageError) as info:
+        decode_image(tmp_path / "gone.jpg", 5)
+    assert (info.value.code, info.value.image_id) == ("missing", 5)
 
 
 def test_clean_dataset_exits_0_and_repairs_fail_only_when_strict(write_coco, tmp_path, capsys):
