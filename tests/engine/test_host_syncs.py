@@ -67,10 +67,19 @@ def step_parts(overrides: list[str]) -> StepParts:
         ["precision.amp=bf16", "precision.channels_last=true"],
         ["train.optimizer=sgd", "loss.normalizer=ema", "train.clip_grad_norm=1.0"],
         ["loss.box_loss=giou", "loss.gamma_schedule=cosine"],
+        ["loss.box_loss=giou", "precision.amp=bf16"],  # box deltas decoded from bf16 outputs
         ["loss.modulation=exponential", "loss.alpha=null", "model.fpn.norm="],
         ["train.optimizer_impl=foreach", "train.optimizer=sgd"],
     ],
-    ids=["recipe", "bf16-channels-last", "sgd-ema-clip", "giou-gamma-schedule", "exp", "foreach"],
+    ids=[
+        "recipe",
+        "bf16-channels-last",
+        "sgd-ema-clip",
+        "giou-gamma-schedule",
+        "giou-bf16",
+        "exp",
+        "foreach",
+    ],
 )
 def test_training_step_waits_for_the_device_at_most_once(overrides):
     parts = step_parts(overrides)

@@ -392,3 +392,25 @@ def test_best_metric_is_checked(tmp_path):
 
     with pytest.raises(ConfigError, match="train.best_metric.*'AP50'.*got 'mAP'"):
         load_config(REPO / "configs" / "shapes.yaml", ["train.best_metric=mAP"])
+
+
+def test_the_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path, tiny_config, monkeypatch):
+    """On a GPU with fp16 the GradScaler's scale is training state: a resumed run continues
+    with it rather than restarting at 2**16. A CPU scaler stands in for the CUDA one."""
+    import dataclasses
+
+    scalers = []
+
+    def cpu_scaler(amp, device):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(trainer_module, "grad_scaler", cpu_scaler)
+    cfg = dataclasses.replace(
+        tiny_config, train=dataclasses.replace(tiny_config.train, checkpoint_period=2)
+    )
+    train(cfg, tmp_path, stop_at_iteration=2, progress=False, evaluate=False)
+    saved = load_checkpoint(tmp_path / "model_0000002.pth")["scaler"]
+    assert saved["scale"] == scalers[0].get_scale() > 1024.0  # it grew with finite steps
+    train(cfg, tmp_path, resume=True, stop_at_iteration=2, progress=False, evaluate=False)
+    assert scalers[1].get_scale() == saved["scale"]
